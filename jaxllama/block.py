@@ -1,0 +1,28 @@
+"""Residual block: norm -> mixer -> +x -> norm -> mlp -> +x."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from jaxllama.config import ModelConfig
+from jaxllama.layers.basic import MLP, RMSNorm, dtype_of
+from jaxllama.mixers import MIXERS
+from jaxllama.sharding import constrain
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    kind: str
+
+    @nn.compact
+    def __call__(self, x, positions, cache=None, segment_ids=None):
+        c = self.cfg
+        kw = dict(dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
+        mixer_cls, _ = MIXERS[self.kind]
+        mixer = mixer_cls(cfg=c.mixer_config(self.kind), kernels=c.kernels, name="mixer", **kw)
+        y, cache = mixer(RMSNorm(c.rms_norm_eps, name="mixer_norm", **kw)(x), positions, cache,
+                         segment_ids)
+        x = x + y
+        x = x + MLP(c.hidden_size, c.intermediate_size, name="mlp", **kw)(
+            RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x))
+        return constrain(x, ("batch", "seq", "act_embed")), cache

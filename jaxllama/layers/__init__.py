@@ -1,0 +1,1 @@
+"""Stateless building blocks: linear maps with logical axes, RMSNorm, embeddings, RoPE, SwiGLU."""

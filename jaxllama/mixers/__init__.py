@@ -1,0 +1,14 @@
+"""One file per layer kind: the mixer module and its cache class.
+
+`MIXERS[kind] = (module class, cache class)`. Every mixer is built as
+`Module(cfg=model_cfg.mixer_config(kind), kernels=..., dtype=..., param_dtype=...)` and called as
+`(x, positions, cache=None, segment_ids=None) -> (y, cache)`.
+"""
+
+from jaxllama.mixers.attention import Attention, KVCache
+
+MIXERS = {
+    "dense": (Attention, KVCache),
+}
+
+__all__ = ["MIXERS", "Attention", "KVCache"]

@@ -1,0 +1,1 @@
+"""jaxllama.kernels: attention and scan kernels. Never imports the model."""
