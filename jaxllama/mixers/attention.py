@@ -67,14 +67,19 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    def project_qkv(self, x, positions):
+    def project(self, x):
+        """Un-rotated q [B T N H], k, v [B T K H] (lambda attention also needs them raw)."""
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=c.bias)
         d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         q = Linear((d,), (n, h), ("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x)  # [B T N H]
         key = Linear((d,), (k, h), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)  # [B T K H]
         val = Linear((d,), (k, h), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
-        cos, sin = rope_for(c, positions)
+        return q, key, val
+
+    def project_qkv(self, x, positions):
+        q, key, val = self.project(x)
+        cos, sin = rope_for(self.cfg, positions)
         return apply_rope(q, cos, sin), apply_rope(key, cos, sin), val
 
     def project_out(self, out):
