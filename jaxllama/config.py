@@ -111,12 +111,16 @@ class KernelConfig:
     attention: str = "xla"  # auto | xla | pallas_interpret | pallas_gpu | pallas_tpu
     scan_layers: bool = True  # scan over runs of identical layers: compile time flat in depth
     remat: str = "none"  # none | full | dots (checkpoint policy for training)
+    # none | ring | allgather: how training attention (no cache) spans the `seq` mesh axis
+    context_parallel: str = "none"
 
     def __post_init__(self):
         _check(self.attention in IMPLEMENTATIONS, "kernels.attention",
                f"{self.attention!r} is not one of {IMPLEMENTATIONS}")
         _check(self.remat in ("none", "full", "dots"), "kernels.remat",
                f"{self.remat!r} is not one of none, full, dots")
+        _check(self.context_parallel in ("none", "ring", "allgather"), "kernels.context_parallel",
+               f"{self.context_parallel!r} is not one of none, ring, allgather")
 
 
 @dataclass(frozen=True)
