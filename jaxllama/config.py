@@ -103,6 +103,18 @@ class LambdaConfig:
         _check(self.window > 0, "lambda.window", "must be > 0")
         _check(self.distance is None or self.distance >= 0, "lambda.distance", "must be >= 0")
 
+    @property
+    def limit_distance(self) -> int:
+        """D: far sink keys are scored as if at this distance."""
+        return self.window if self.distance is None else self.distance
+
+
+@dataclass(frozen=True)
+class LambdaAttentionConfig(AttentionConfig):
+    """What a lambda layer sees: the dense attention geometry plus its `LambdaConfig`."""
+
+    lambda_: LambdaConfig = field(default_factory=LambdaConfig)
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -184,7 +196,9 @@ class ModelConfig:
         if kind == "dense":
             return self.attention
         if kind == "lambda":
-            return (self.attention, self.lambda_)
+            fields = {f.name: getattr(self.attention, f.name)
+                      for f in dataclasses.fields(AttentionConfig)}
+            return LambdaAttentionConfig(**fields, lambda_=self.lambda_)
         raise ConfigError(f"layer_pattern: layer kind {kind!r} is not available in this version")
 
     def replace(self, **kw) -> ModelConfig:

@@ -6,9 +6,11 @@
 """
 
 from jaxllama.mixers.attention import Attention, KVCache
+from jaxllama.mixers.lambda_attention import LambdaAttention, LambdaCache
 
 MIXERS = {
     "dense": (Attention, KVCache),
+    "lambda": (LambdaAttention, LambdaCache),
 }
 
-__all__ = ["MIXERS", "Attention", "KVCache"]
+__all__ = ["MIXERS", "Attention", "KVCache", "LambdaAttention", "LambdaCache"]

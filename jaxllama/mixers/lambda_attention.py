@@ -1,0 +1,170 @@
+"""Lambda ("Λ") attention of LM-Infinite (METHODS section 5) and its constant-size cache.
+
+Query at position i, key at position j (G sink tokens, window L, distance ceiling D):
+  - i - j in [0, L): ordinary RoPE score <R_i q_i, R_j k_j> / sqrt(H);
+  - i - j >= L and j < G: <R_D q_i, k_j> / sqrt(H), the sink key un-rotated, the query rotated to D;
+  - otherwise masked. One softmax over the union.
+
+Both branches go through one `attend` call: the window is the mask's `window=L` on ordinary columns,
+the far sinks are `SinkInputs` columns (query rotated to D against un-rotated keys, visible iff
+i - g >= L). Since only the first G and the last L keys are ever read, `LambdaCache` holds G
+un-rotated sink keys/values and a ring buffer of the last L rotated keys/values: its size does not
+depend on the sequence length. With a cache a call appends T >= 1 tokens (chunked prefill and
+one-token decode are one code path): the chunk attends to the ring buffer, to itself and to the
+sinks.
+
+Positions in the mask are slot indices (token t of a row is at slot t), as in the dense cache; the
+`positions` argument drives RoPE only. "Un-rotated" means rotated to position 0, which is the
+identity for every RoPE type except those with an attention factor (yarn, longrope), where it keeps
+the factor on both sides of the score, as the ordinary branch does.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxllama.config import LambdaAttentionConfig
+from jaxllama.kernels.flash_attention.api import Mask, SinkInputs, attend
+from jaxllama.layers.rope import apply_rope
+from jaxllama.mixers.attention import Attention, rope_for
+
+
+@struct.dataclass
+class LambdaCache:
+    """Sinks: un-rotated k, v [B G K H] of slots 0..G-1. Ring: rotated k, v [B L K H] of the last
+    L slots, slot s stored at s % L. Segment ids (0 = empty or padding) and the slot count."""
+
+    sink_k: jax.Array
+    sink_v: jax.Array
+    sink_segment_ids: jax.Array  # [B G] int32
+    ring_k: jax.Array
+    ring_v: jax.Array
+    ring_segment_ids: jax.Array  # [B L] int32
+    length: jax.Array  # int32 scalar: slots written so far
+
+    @classmethod
+    def init(cls, cfg: LambdaAttentionConfig, batch: int, max_len: int, dtype) -> LambdaCache:
+        """`max_len` is accepted for the common cache signature and ignored: the size is fixed."""
+        del max_len
+        lam = cfg.lambda_
+        sink = (batch, lam.global_tokens, cfg.num_kv_heads, cfg.head_dim)
+        ring = (batch, lam.window, cfg.num_kv_heads, cfg.head_dim)
+        return cls(sink_k=jnp.zeros(sink, dtype), sink_v=jnp.zeros(sink, dtype),
+                   sink_segment_ids=jnp.zeros(sink[:2], jnp.int32),
+                   ring_k=jnp.zeros(ring, dtype), ring_v=jnp.zeros(ring, dtype),
+                   ring_segment_ids=jnp.zeros(ring[:2], jnp.int32),
+                   length=jnp.zeros((), jnp.int32))
+
+    @staticmethod
+    def logical_axes(cfg: LambdaAttentionConfig) -> LambdaCache:
+        kv = ("batch", "cache_seq", "kv_heads", "head_dim")
+        seg = ("batch", "cache_seq")
+        return LambdaCache(sink_k=kv, sink_v=kv, sink_segment_ids=seg, ring_k=kv, ring_v=kv,
+                           ring_segment_ids=seg, length=())
+
+    def window_view(self):
+        """Ring in chronological order: k, v [B L K H], segment ids [B L] of slots
+        length-L .. length-1 (slots below 0 are empty, segment id 0)."""
+        w = self.ring_k.shape[1]
+        order = (self.length + jnp.arange(w)) % w
+        return (jnp.take(self.ring_k, order, axis=1), jnp.take(self.ring_v, order, axis=1),
+                jnp.take(self.ring_segment_ids, order, axis=1))
+
+    def append(self, k_rot, k_raw, v, segment_ids) -> LambdaCache:
+        """Write T new slots: rotated k_rot, un-rotated k_raw, v [B T K H], segment_ids [B T]."""
+        start, t = self.length, k_rot.shape[1]
+        g, w = self.sink_k.shape[1], self.ring_k.shape[1]
+        # sinks: slot j < G comes from chunk index j - start when the chunk covers it
+        src = jnp.arange(g) - start
+        hit = (src >= 0) & (src < t)
+        src = jnp.clip(src, 0, t - 1)
+
+        def sink(old, new):
+            picked = jnp.take(new, src, axis=1).astype(old.dtype)
+            return jnp.where(hit.reshape((1, g) + (1,) * (old.ndim - 2)), picked, old)
+
+        # ring: only the last min(T, L) tokens of the chunk survive; slot s goes to s % L
+        n = min(t, w)
+        slots = (start + t - n + jnp.arange(n)) % w
+
+        def ring(old, new):
+            return old.at[:, slots].set(new[:, t - n:].astype(old.dtype))
+
+        return LambdaCache(
+            sink_k=sink(self.sink_k, k_raw), sink_v=sink(self.sink_v, v),
+            sink_segment_ids=sink(self.sink_segment_ids, segment_ids),
+            ring_k=ring(self.ring_k, k_rot), ring_v=ring(self.ring_v, v),
+            ring_segment_ids=ring(self.ring_segment_ids, segment_ids),
+            length=start + t)
+
+
+def segment_offsets(segment_ids):
+    """Index of each token inside its segment, [B T] int32 (a segment = a run of equal ids)."""
+    t = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+class LambdaAttention(Attention):
+    """Lambda attention with dense `Attention`'s projections and parameter names, so any HF Llama
+    loads into it: (x [B T D], positions [B T], cache, segment_ids [B T]) -> (y [B T D], cache)."""
+
+    cfg: LambdaAttentionConfig
+
+    def rotations(self, x, positions):
+        """q, k rotated at `positions`; q rotated to D; k rotated to 0 ("un-rotated"); v."""
+        c = self.cfg
+        q, k, v = self.project(x)
+        cos, sin = rope_for(c, positions)
+        cos_d, sin_d = rope_for(c, jnp.full_like(positions, c.lambda_.limit_distance))
+        cos_0, sin_0 = rope_for(c, jnp.zeros_like(positions))
+        return (apply_rope(q, cos, sin), apply_rope(k, cos, sin), apply_rope(q, cos_d, sin_d),
+                apply_rope(k, cos_0, sin_0), v)
+
+    @nn.compact
+    def __call__(self, x, positions, cache: LambdaCache | None = None, segment_ids=None):
+        lam = self.cfg.lambda_
+        q, k, q_d, k_0, v = self.rotations(x, positions)
+        impl = self.kernels.attention
+        if cache is None and segment_ids is None:
+            # sinks are the first G tokens of the row
+            g = min(lam.global_tokens, x.shape[1])
+            sink = SinkInputs(q=q_d, k=k_0[:, :g], v=v[:, :g]) if g else None
+            out = attend(q, k, v, Mask(causal=True, window=lam.window), sink=sink,
+                         implementation=impl)
+        elif cache is None:
+            # packed rows: every token is a sink column, active iff it is among the first G of its
+            # segment; sink column t sits at slot t, so `i - t >= L` is the contract's own test.
+            is_sink = segment_offsets(segment_ids) < lam.global_tokens
+            sink = SinkInputs(q=q_d, k=k_0, v=v, segment_ids=jnp.where(is_sink, segment_ids, -1))
+            sink = sink if lam.global_tokens else None
+            mask = Mask(causal=True, window=lam.window, q_segment_ids=segment_ids,
+                        kv_segment_ids=segment_ids)
+            out = attend(q, k, v, mask, sink=sink, implementation=impl)
+        else:
+            if segment_ids is None:
+                segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+            start = cache.length
+            ring_k, ring_v, ring_seg = cache.window_view()
+            cache = cache.append(k, k_0, v, segment_ids)
+            # columns: the ring (slots start-L .. start-1) then this chunk (start .. start+T-1)
+            keys = jnp.concatenate([ring_k.astype(q.dtype), k], axis=1)  # [B L+T K H]
+            vals = jnp.concatenate([ring_v.astype(q.dtype), v], axis=1)
+            mask = Mask(causal=True, window=lam.window, q_offset=start,
+                        k_offset=start - ring_k.shape[1], q_segment_ids=segment_ids,
+                        kv_segment_ids=jnp.concatenate([ring_seg, segment_ids], axis=1))
+            sink = None
+            if lam.global_tokens:
+                sink = SinkInputs(q=q_d, k=cache.sink_k.astype(q.dtype),
+                                  v=cache.sink_v.astype(q.dtype),
+                                  segment_ids=cache.sink_segment_ids)
+            out = attend(q, keys, vals, mask, sink=sink, implementation=impl)
+        return self.project_out(out), cache
+
+
+__all__ = ["LambdaAttention", "LambdaCache", "segment_offsets"]
