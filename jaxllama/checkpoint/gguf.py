@@ -1,0 +1,241 @@
+"""GGUF files of Llama architecture (llama.cpp): config from metadata, weights dequantized with the
+`gguf` package, tokenizer and chat template through transformers' GGUF tokenizer support.
+
+llama.cpp's converter reorders the rows of the Q and K projections of every head from HF's rotate-
+half layout to interleaved pairs; reading undoes that so the weights match HF's layout again. Llama
+3.1 files store their RoPE scaling as a `rope_freqs.weight` tensor of per-frequency divisors; it is
+recognised as llama3 scaling when it matches, else kept exactly as a longrope table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxllama.checkpoint.base import (
+    Checkpoint,
+    CheckpointError,
+    TensorSource,
+    assemble_params,
+    with_dtype,
+    with_overrides,
+)
+from jaxllama.config import AttentionConfig, ConfigError, ModelConfig, RopeConfig
+
+_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """HF tensor name of a llama.cpp tensor name (None when it has no HF counterpart)."""
+    if gguf_name in _GLOBAL:
+        return _GLOBAL[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER:
+        return f"model.layers.{parts[1]}.{_LAYER[parts[2]]}"
+    return None
+
+
+def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order: per head, rows (pair i, half j) -> HF's (half j, pair i)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def open_reader(path: Path):
+    import gguf
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any reader error
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable GGUF file ({msg})") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception:  # noqa: BLE001 - any reader error
+        raise CheckpointError(f"GGUF metadata {key}: unreadable value") from None
+
+
+def _fit_llama3(divisors: np.ndarray, inv_freq: np.ndarray, orig: int) -> RopeConfig | None:
+    """llama3 scaling parameters reproducing `inv_freq / divisors`, or None when none do."""
+    factor = float(divisors.max())
+    for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0)):
+        rope = RopeConfig(type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                          original_max_position_embeddings=orig)
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (orig / wavelen - low) / (high - low)
+        want = np.where(wavelen < orig / high, inv_freq,
+                        np.where(wavelen > orig / low, inv_freq / factor,
+                                 (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+        if np.allclose(inv_freq / divisors, want, rtol=1e-4, atol=0):
+            return rope
+    return None
+
+
+def _rope(reader, arch: str, head_dim: int, max_pos: int, where: str) -> RopeConfig:
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    rot = int(_field(reader, f"{arch}.rope.dimension_count", head_dim))
+    partial = rot / head_dim
+    kind = _field(reader, f"{arch}.rope.scaling.type", "none")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if factor is None and _field(reader, f"{arch}.rope.scale_linear") is not None:
+        kind, factor = "linear", _field(reader, f"{arch}.rope.scale_linear")
+    orig = int(_field(reader, f"{arch}.rope.scaling.original_context_length", 0)) or None
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        divisors = np.asarray(freqs.data, np.float64).reshape(-1)
+        inv = 1.0 / theta ** (np.arange(0, rot, 2, dtype=np.float64) / rot)
+        if divisors.shape != inv.shape:
+            raise CheckpointError(f"{where}: rope_freqs.weight has {divisors.size} entries, "
+                                  f"expected {inv.size}")
+        fit = _fit_llama3(divisors, inv, orig or 8192)
+        if fit is not None:
+            return dataclasses.replace(fit, theta=theta, partial_rotary_factor=partial)
+        table = tuple(float(x) for x in divisors)
+        return RopeConfig(theta=theta, type="longrope", short_factor=table, long_factor=table,
+                          attention_factor=1.0, original_max_position_embeddings=orig or max_pos,
+                          partial_rotary_factor=partial)
+    if kind in ("none", None) or factor in (None, 1.0):
+        return RopeConfig(theta=theta, partial_rotary_factor=partial)
+    if kind == "linear":
+        return RopeConfig(theta=theta, type="linear", factor=float(factor),
+                          partial_rotary_factor=partial)
+    if kind == "yarn":
+        return RopeConfig(theta=theta, type="yarn", factor=float(factor),
+                          original_max_position_embeddings=orig or max_pos,
+                          partial_rotary_factor=partial)
+    raise CheckpointError(f"{where}: rope scaling type {kind!r} is not supported")
+
+
+def config_from_gguf(reader, where: str) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{where}: architecture {arch!r} is not supported (llama only)")
+
+    def need(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise CheckpointError(f"{where}: GGUF metadata {arch}.{key} is missing")
+        if isinstance(v, list):
+            if len(set(v)) != 1:
+                raise CheckpointError(f"{where}: {arch}.{key} differs across layers")
+            v = v[0]
+        return int(v)
+
+    d, heads = need("embedding_length"), need("attention.head_count")
+    kv = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", d // heads))
+    max_pos = int(_field(reader, f"{arch}.context_length", 2048))
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise CheckpointError(f"{where}: token_embd.weight: tensor missing")
+    vocab = int(_field(reader, f"{arch}.vocab_size", int(embed.shape[-1])))
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    try:
+        return ModelConfig(
+            vocab_size=vocab, hidden_size=d, intermediate_size=need("feed_forward_length"),
+            layer_pattern=("dense",) * need("block_count"),
+            attention=AttentionConfig(
+                num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+                max_position_embeddings=max_pos,
+                rope=_rope(reader, arch, head_dim, max_pos, where),
+                bias=any(t.name.endswith("attn_q.bias") for t in reader.tensors)),
+            rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_word_embeddings=tied)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _source(reader, cfg: ModelConfig, where: str) -> TensorSource:
+    import gguf
+    tensors = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is not None:
+            tensors[name] = t
+        elif t.name != "rope_freqs.weight":
+            raise CheckpointError(f"{t.name}: unexpected tensor in {where}")
+    att = cfg.attention
+
+    def shape(name):
+        return tuple(int(x) for x in reversed(tensors[name].shape))
+
+    def read(name):
+        t = tensors[name]
+        try:
+            a = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:  # noqa: BLE001 - any reader error
+            raise CheckpointError(f"{t.name}: cannot dequantize {t.tensor_type.name} in {where} "
+                                  f"({e})") from None
+        a = np.asarray(a).reshape(shape(name))
+        if ".q_proj." in name:
+            a = unpermute_rows(a, att.num_heads)
+        elif ".k_proj." in name:
+            a = unpermute_rows(a, att.num_kv_heads)
+        return a
+
+    return TensorSource({n: where for n in tensors}, shape, read, where)
+
+
+def load_gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - any reader error
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF ({msg})") from None
+
+
+def generation_from_gguf(reader) -> dict:
+    eos = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        v = _field(reader, f"tokenizer.ggml.{key}")
+        if v is not None and int(v) not in eos:
+            eos.append(int(v))
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    pad = _field(reader, "tokenizer.ggml.padding_token_id")
+    return {"eos_token_ids": eos, "bos_token_id": None if bos is None else int(bos),
+            "pad_token_id": int(pad) if pad is not None else (eos[0] if eos else None)}
+
+
+def load_gguf(path: str | os.PathLike, dtype: str = "float32", overrides=(),
+              tokenizer: bool = True) -> Checkpoint:
+    """Load a Llama-architecture GGUF file into a `Checkpoint` (weights dequantized to `dtype`)."""
+    path = Path(path)
+    reader = open_reader(path)
+    where = str(path)
+    cfg = config_from_gguf(reader, where)
+    cfg = with_dtype(with_overrides(cfg, overrides), dtype)
+    params = assemble_params(cfg, _source(reader, cfg, where), dtype, desc=f"loading {path.name}")
+    tok = load_gguf_tokenizer(path) if tokenizer else None
+    return Checkpoint(cfg, params, tok, generation_from_gguf(reader), where)
