@@ -26,7 +26,7 @@ def smollm2_gguf_path() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_jax(smollm2_gguf_path):
-    """`load_checkpoint(None)` in float32 (config, params, tokenizer, generation_config), loaded once."""
+    """`load_checkpoint(None)` in float32 (config, params, tokenizer, generation_config)."""
     from jaxllama.checkpoint import load_checkpoint
     return load_checkpoint(None, "float32")
 
