@@ -19,7 +19,7 @@ One softmax runs over the union of ordinary and sink columns.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,3 +73,114 @@ def sink_mask(mask: Mask, sink: SinkInputs, t: int) -> jax.Array:
     if mask.q_segment_ids is not None and sink.segment_ids is not None:
         ok = ok & (mask.q_segment_ids[:, :, None] == sink.segment_ids[:, None, :])
     return ok
+
+
+# ----------------------------------------------------------------------------- one column set
+# Every implementation computes attention over ONE set of key columns described by `Columns`;
+# `api.attend` runs the ordinary set and, for lambda attention, the sink set, then merges the two
+# by log-sum-exp. The sink test `q_pos - g >= window` is the causal test shifted by `window`, so one
+# rule (below) covers both sets and the kernels need no sink-specific code.
+
+
+class Columns(NamedTuple):
+    """Static description of one key-column set.
+
+    Column s, at position `k_offset + s`, is visible from query position p iff
+      (not causal or k_pos <= p - shift) and (window is None or p - k_pos < window),
+    or s < memory_prefix; in both cases also s < kv_len and, when `segments`, equal segment ids.
+    """
+
+    causal: bool
+    shift: int
+    window: int | None
+    memory_prefix: int
+    segments: bool
+
+
+def ordinary_columns(mask: Mask) -> Columns:
+    segments = mask.q_segment_ids is not None and mask.kv_segment_ids is not None
+    return Columns(bool(mask.causal), 0, mask.window, int(mask.memory_prefix), segments)
+
+
+def sink_columns(mask: Mask, sink: SinkInputs) -> Columns:
+    """Sink g sits at position g (k_offset 0) and is visible iff q_pos - g >= window."""
+    shift = mask.window if mask.window is not None else 0
+    segments = mask.q_segment_ids is not None and sink.segment_ids is not None
+    return Columns(True, shift, None, 0, segments)
+
+
+def visible(cols: Columns, q_pos, k_idx, k_offset, kv_len: int):
+    """Boolean [R, C] from q_pos [R, 1] and column indices k_idx [1, C] (segments excluded).
+
+    Operands are 2-D and the ops elementwise, so the same function runs in the jnp reference and
+    inside the Triton and Mosaic TPU kernel bodies."""
+    k_pos = k_offset + k_idx
+    ok = k_idx < kv_len
+    if cols.causal:
+        ok = ok & (k_pos <= q_pos - cols.shift)
+    if cols.window is not None:
+        ok = ok & (q_pos - k_pos < cols.window)
+    if cols.memory_prefix:
+        ok = ok | (k_idx < min(cols.memory_prefix, kv_len))
+    return ok
+
+
+def memory_blocks(cols: Columns, s: int, bk: int) -> int:
+    """Number of leading key blocks that hold memory-prefix columns (visible to every query)."""
+    return -(-min(cols.memory_prefix, s) // bk)
+
+
+def kv_block_ranges(cols: Columns, q_offset, k_offset, t: int, bq: int, s: int, bk: int):
+    """Per query block i: key blocks [lo_i, hi_i) that can hold a visible non-memory column.
+
+    Returns lo, hi int32 [nq]; the memory blocks [0, memory_blocks) come on top. Offsets may be
+    traced. Kernels visit `memory_blocks + hi - lo` blocks and skip the rest."""
+    nq, nk = -(-t // bq), -(-s // bk)
+    i = jnp.arange(nq, dtype=jnp.int32)
+    p_min = q_offset + i * bq
+    p_max = q_offset + jnp.minimum((i + 1) * bq, t) - 1
+    s_hi = jnp.full_like(i, s)
+    s_lo = jnp.zeros_like(i)
+    if cols.causal:
+        s_hi = jnp.clip(p_max - cols.shift - k_offset + 1, 0, s)
+    if cols.window is not None:
+        s_lo = jnp.clip(p_min - cols.window + 1 - k_offset, 0, s)
+    lo = s_lo // bk
+    hi = jnp.where(s_hi > s_lo, (s_hi + bk - 1) // bk, lo)
+    lo = jnp.clip(lo, memory_blocks(cols, s, bk), nk)
+    return lo.astype(jnp.int32), jnp.clip(hi, lo, nk).astype(jnp.int32)
+
+
+def q_block_ranges(cols: Columns, q_offset, k_offset, t: int, bq: int, s: int, bk: int):
+    """Per key block j: query blocks [lo_j, hi_j) that can see one of its columns (the backward's
+    view of the same mask). Memory blocks are seen by every query block. int32 [nk] each."""
+    nq, nk = -(-t // bq), -(-s // bk)
+    j = jnp.arange(nk, dtype=jnp.int32)
+    k_min = k_offset + j * bk
+    k_max = k_offset + jnp.minimum((j + 1) * bk, s) - 1
+    t_lo = jnp.zeros_like(j)
+    t_hi = jnp.full_like(j, t)
+    if cols.causal:
+        t_lo = jnp.clip(k_min + cols.shift - q_offset, 0, t)
+    if cols.window is not None:
+        t_hi = jnp.clip(k_max + cols.window - q_offset, 0, t)
+    lo = t_lo // bq
+    hi = jnp.where(t_hi > t_lo, (t_hi + bq - 1) // bq, lo)
+    mem = j < memory_blocks(cols, s, bk)
+    lo = jnp.where(mem, 0, jnp.clip(lo, 0, nq))
+    hi = jnp.where(mem, nq, jnp.clip(hi, lo, nq))
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def block_at(it, n_first, lo):
+    """The block visited at step `it`: the n_first leading blocks, then lo, lo + 1, ..."""
+    return jnp.where(it < n_first, it, lo + it - n_first)
+
+
+def segment_ranges(ids, block: int):
+    """Per-block min and max segment id, int32 [B, n] each, of ids [B, L] (edge-padded). Two blocks
+    with disjoint [min, max] ranges share no segment, so a kernel may skip the pair."""
+    b, n = ids.shape[0], -(-ids.shape[1] // block)
+    ids = jnp.pad(ids, ((0, 0), (0, n * block - ids.shape[1])), mode="edge")
+    ids = ids.reshape(b, n, block)
+    return jnp.min(ids, axis=-1).astype(jnp.int32), jnp.max(ids, axis=-1).astype(jnp.int32)

@@ -1,0 +1,70 @@
+"""Block sizes per implementation, chosen from the static shapes of a call.
+
+The reference (the `xla` implementation, what the model runs on CPU) trades loop overhead against
+memory: each step holds [B, N, block_q, block_k] float32 scores. A decode step (few queries) takes the
+key axis in big blocks so it costs what a dense softmax costs, while causal blocks past the written
+cache length are still skipped. The Pallas sizes follow the hardware: Triton blocks are powers of two
+of at least 16 (its `tl.dot` minimum); Mosaic TPU blocks are multiples of the (8, 128) vreg tile.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+# Scores held per reference step, in elements per (batch, query head): 512 x 512 float32 = 1 MiB.
+REFERENCE_STEP_ELEMENTS = 512 * 512
+REFERENCE_MAX_BLOCK_Q = 512
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(x: int, floor: int) -> int:
+    p = floor
+    while p < x:
+        p *= 2
+    return p
+
+
+def _balanced(n: int, block: int, multiple: int = 1) -> int:
+    """The smallest block (a multiple of `multiple`) that covers n in as many blocks as `block`."""
+    if n <= block:
+        return _cdiv(n, multiple) * multiple
+    return _cdiv(_cdiv(n, _cdiv(n, block)), multiple) * multiple
+
+
+def reference_blocks(t: int, s: int) -> tuple[int, int]:
+    """(block_q, block_k) for the blockwise jnp reference."""
+    bq = _balanced(t, REFERENCE_MAX_BLOCK_Q)
+    bk = _balanced(s, max(REFERENCE_STEP_ELEMENTS // bq, 512))
+    return bq, bk
+
+
+class GpuBlocks(NamedTuple):
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def gpu_blocks(t: int, s: int, head_dim: int, backward: bool = False) -> GpuBlocks:
+    """Triton tiles for an H100-class GPU: 128 x 64 forward, 64 x 64 backward (the backward holds
+    more live tiles per program); fewer queries than a block shrink the query tile (decode)."""
+    bq = 64 if backward else 128
+    bk = 64
+    bq = min(bq, _pow2_at_least(t, 16))
+    bk = min(bk, _pow2_at_least(s, 16))
+    warps = 8 if head_dim > 64 and not backward else 4
+    return GpuBlocks(bq, bk, warps, 2 if backward else 3)
+
+
+class TpuBlocks(NamedTuple):
+    block_q: int
+    block_k: int
+
+
+def tpu_blocks(t: int, s: int) -> TpuBlocks:
+    """Query blocks of up to 512 rows (a multiple of 8), key blocks of up to 512 columns (a multiple
+    of 128, the lane width)."""
+    return TpuBlocks(_balanced(t, 512, 8), _balanced(s, 512, 128))
