@@ -1,0 +1,1 @@
+"""Checkpoint formats: HF, GGUF, orbax, the convert CLI."""
