@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jaxllama.checkpoint import load_checkpoint
+
 from .tiny_llama import hf_logits, our_logits, random_ids, save_model, tiny_model
 
 _LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 16,
@@ -19,23 +20,23 @@ _LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 16,
 
 # id: (model kwargs, config form, sequence length, save kwargs)
 CASES = {
-    "default-gqa1-bias-v5": (dict(heads=4, kv=4, bias=True), "5.x", 20, {}),
-    "linear-gqa3-tied-oldtype": (dict(heads=6, kv=2, tie=True,
-                                      rope={"rope_type": "linear", "factor": 2.0}),
+    "default-gqa1-bias-v5": ({"heads": 4, "kv": 4, "bias": True}, "5.x", 20, {}),
+    "linear-gqa3-tied-oldtype": ({"heads": 6, "kv": 2, "tie": True,
+                                  "rope": {"rope_type": "linear", "factor": 2.0}},
                                  "4.x-type", 20, {}),
-    "dynamic-gqa4-past-max-v4": (dict(heads=8, kv=2, max_pos=16,
-                                      rope={"rope_type": "dynamic", "factor": 2.0}),
+    "dynamic-gqa4-past-max-v4": ({"heads": 8, "kv": 2, "max_pos": 16,
+                                  "rope": {"rope_type": "dynamic", "factor": 2.0}},
                                  "4.x", 28, {}),
-    "yarn-gqa2-tied-v5": (dict(heads=4, kv=2, tie=True, rope={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "yarn-gqa2-tied-v5": ({"heads": 4, "kv": 2, "tie": True, "rope": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
         "5.x", 24, {}),
-    "longrope-gqa3-long-v4": (dict(heads=6, kv=2, rope=_LONGROPE), "4.x", 24, {}),
-    "longrope-gqa3-short-v5": (dict(heads=6, kv=2, rope=_LONGROPE), "5.x", 12, {}),
-    "llama3-gqa4-tied-v4": (dict(heads=8, kv=2, tie=True, rope={
+    "longrope-gqa3-long-v4": ({"heads": 6, "kv": 2, "rope": _LONGROPE}, "4.x", 24, {}),
+    "longrope-gqa3-short-v5": ({"heads": 6, "kv": 2, "rope": _LONGROPE}, "5.x", 12, {}),
+    "llama3-gqa4-tied-v4": ({"heads": 8, "kv": 2, "tie": True, "rope": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64}), "4.x", 20, {}),
-    "default-bf16-sharded": (dict(heads=4, kv=2, layers=3), "5.x", 20,
-                             dict(dtype=torch.bfloat16, max_shard_size="40KB")),
+        "original_max_position_embeddings": 64}}, "4.x", 20, {}),
+    "default-bf16-sharded": ({"heads": 4, "kv": 2, "layers": 3}, "5.x", 20,
+                             {"dtype": torch.bfloat16, "max_shard_size": "40KB"}),
 }
 
 

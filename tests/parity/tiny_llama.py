@@ -55,7 +55,8 @@ def save_model(model: LlamaForCausalLM, path: Path, form: str = "5.x",
     """save_pretrained in `dtype` (the model itself is left in float32); form "5.x", "4.x" or
     "4.x-type" (4.x with the old `type` key)."""
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-    (model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)).save_pretrained(path, **kw)
+    out = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    out.save_pretrained(path, **kw)
     if form != "5.x":
         to_v4_config(path, "type" if form == "4.x-type" else "rope_type")
     return path
