@@ -184,3 +184,25 @@ def segment_ranges(ids, block: int):
     ids = jnp.pad(ids, ((0, 0), (0, n * block - ids.shape[1])), mode="edge")
     ids = ids.reshape(b, n, block)
     return jnp.min(ids, axis=-1).astype(jnp.int32), jnp.max(ids, axis=-1).astype(jnp.int32)
+
+
+class Tables(NamedTuple):
+    """What a kernel reads to skip blocks: key-block ranges per query block (forward, dq), query-block
+    ranges per key block (dk/dv), offsets [2] int32, and per-block segment ranges (or None)."""
+
+    kv_lo: jax.Array  # [nq]
+    kv_hi: jax.Array  # [nq]
+    q_lo: jax.Array  # [nk]
+    q_hi: jax.Array  # [nk]
+    offsets: jax.Array  # [2]: q_offset, k_offset
+    q_seg: tuple | None  # (min, max) [B nq]
+    kv_seg: tuple | None  # (min, max) [B nk]
+
+
+def kernel_tables(cols: Columns, q_offset, k_offset, q_seg, kv_seg, t: int, bq: int, s: int,
+                  bk: int) -> Tables:
+    kv_lo, kv_hi = kv_block_ranges(cols, q_offset, k_offset, t, bq, s, bk)
+    q_lo, q_hi = q_block_ranges(cols, q_offset, k_offset, t, bq, s, bk)
+    offsets = jnp.stack([jnp.asarray(q_offset, jnp.int32), jnp.asarray(k_offset, jnp.int32)])
+    segs = (segment_ranges(q_seg, bq), segment_ranges(kv_seg, bk)) if cols.segments else (None,) * 2
+    return Tables(kv_lo, kv_hi, q_lo, q_hi, offsets, *segs)
