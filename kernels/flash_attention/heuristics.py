@@ -65,6 +65,6 @@ class TpuBlocks(NamedTuple):
 
 
 def tpu_blocks(t: int, s: int) -> TpuBlocks:
-    """Query blocks of up to 512 rows (a multiple of 8), key blocks of up to 512 columns (a multiple
+    """Query blocks of up to 512 rows (a multiple of 16: whole bfloat16 sublane tiles), key blocks of up to 512 columns (a multiple
     of 128, the lane width)."""
-    return TpuBlocks(_balanced(t, 512, 8), _balanced(s, 512, 128))
+    return TpuBlocks(_balanced(t, 512, 16), _balanced(s, 512, 128))
