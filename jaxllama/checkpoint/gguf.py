@@ -10,9 +10,12 @@ recognised as llama3 scaling when it matches, else kept exactly as a longrope ta
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +70,22 @@ def unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def open_reader(path: Path):
+    """`gguf.GGUFReader` over a plain-ndarray view of the memory map: the reader slices its buffer
+    once per metadata entry (about 100k times for a vocabulary), and np.memmap slices are several
+    times slower than ndarray ones. Tensor data stays memory-mapped, nothing is copied."""
     import gguf
+
+    class Reader(gguf.GGUFReader):
+        @property
+        def data(self):
+            return self._data
+
+        @data.setter
+        def data(self, value):
+            self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
     try:
-        return gguf.GGUFReader(str(path))
+        return Reader(str(path))
     except Exception as e:  # noqa: BLE001 - any reader error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: not a readable GGUF file ({msg})") from None
@@ -206,14 +222,49 @@ def _source(reader, cfg: ModelConfig, where: str) -> TensorSource:
     return TensorSource({n: where for n in tensors}, shape, read, where)
 
 
-def load_gguf_tokenizer(path: Path):
+def tokenizer_cache_dir(path: Path) -> Path:
+    """Where the tokenizer built from `path` is kept: building it from GGUF metadata takes seconds,
+    loading the saved files a fraction of one. Keyed by the file's absolute path, size and mtime;
+    `JAXLLAMA_CACHE` moves the cache root (default ~/.cache/jaxllama)."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    root = Path(os.environ.get("JAXLLAMA_CACHE") or Path.home() / ".cache" / "jaxllama")
+    return root / "gguf-tokenizers" / key[:24]
+
+
+def load_gguf_tokenizer(path: Path, use_cache: bool = True):
+    """The fast tokenizer (chat template included) transformers builds from the GGUF metadata."""
     from transformers import AutoTokenizer
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    cache = tokenizer_cache_dir(path) if use_cache else None
+    if cache is not None and (cache / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below
+            shutil.rmtree(cache, ignore_errors=True)
     try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - any reader error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF ({msg})") from None
+    if cache is not None:
+        _store(tok, cache)
+    return tok
+
+
+def _store(tok, cache: Path) -> None:
+    """Save into a temporary sibling, then rename: readers never see a half-written entry. A cache
+    that cannot be written is skipped."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    except OSError:
+        return
+    try:
+        tok.save_pretrained(str(tmp))
+        os.rename(tmp, cache)  # fails if another process got there first: theirs is as good
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def generation_from_gguf(reader) -> dict:
