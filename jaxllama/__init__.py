@@ -1,7 +1,12 @@
 """jaxllama: Llama-family models in JAX/Flax for long context and cheap inference."""
 
-from jaxllama.config import KernelConfig, LambdaConfig, ModelConfig, RopeConfig, AttentionConfig
+from jaxllama.api import LLM, Completion, from_pretrained, save_pretrained
+from jaxllama.config import AttentionConfig, KernelConfig, LambdaConfig, ModelConfig, RopeConfig
+from jaxllama.inference import Engine, SamplingConfig
 from jaxllama.model import Transformer, init_cache, init_params
 
-__all__ = ["ModelConfig", "AttentionConfig", "RopeConfig", "LambdaConfig", "KernelConfig",
-           "Transformer", "init_cache", "init_params"]
+__all__ = [
+    "LLM", "AttentionConfig", "Completion", "Engine", "KernelConfig", "LambdaConfig",
+    "ModelConfig", "RopeConfig", "SamplingConfig", "Transformer", "from_pretrained", "init_cache",
+    "init_params", "save_pretrained",
+]
