@@ -146,9 +146,12 @@ def _rope(reader, arch: str, head_dim: int, max_pos: int, where: str) -> RopeCon
         return RopeConfig(theta=theta, type="linear", factor=float(factor),
                           partial_rotary_factor=partial)
     if kind == "yarn":
+        betas = {k: float(v) for k, v in (
+            ("beta_fast", _field(reader, f"{arch}.rope.scaling.yarn_beta_fast")),
+            ("beta_slow", _field(reader, f"{arch}.rope.scaling.yarn_beta_slow"))) if v}
         return RopeConfig(theta=theta, type="yarn", factor=float(factor),
                           original_max_position_embeddings=orig or max_pos,
-                          partial_rotary_factor=partial)
+                          partial_rotary_factor=partial, **betas)
     raise CheckpointError(f"{where}: rope scaling type {kind!r} is not supported")
 
 
@@ -281,12 +284,14 @@ def generation_from_gguf(reader) -> dict:
 
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", overrides=(),
               tokenizer: bool = True) -> Checkpoint:
-    """Load a Llama-architecture GGUF file into a `Checkpoint` (weights dequantized to `dtype`)."""
+    """Load a Llama-architecture GGUF file into a `Checkpoint` (weights dequantized to `dtype`;
+    tokenizer None when the file carries no vocabulary)."""
     path = Path(path)
     reader = open_reader(path)
     where = str(path)
     cfg = config_from_gguf(reader, where)
     cfg = with_dtype(with_overrides(cfg, overrides), dtype)
     params = assemble_params(cfg, _source(reader, cfg, where), dtype, desc=f"loading {path.name}")
-    tok = load_gguf_tokenizer(path) if tokenizer else None
+    has_vocab = _field(reader, "tokenizer.ggml.model") is not None
+    tok = load_gguf_tokenizer(path) if tokenizer and has_vocab else None
     return Checkpoint(cfg, params, tok, generation_from_gguf(reader), where)
