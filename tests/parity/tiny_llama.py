@@ -78,3 +78,17 @@ def our_logits(cfg, params, ids: np.ndarray) -> np.ndarray:
 
 def random_ids(seed: int, batch: int, length: int, vocab: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, (batch, length))
+
+
+def tiny_tokenizer(vocab: int = 96):
+    """A word-level fast tokenizer over `w4 .. w{vocab-1}` with special tokens and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, "<eot>": 3}
+    words.update({f"w{i}": i for i in range(4, vocab)})
+    backend = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    return tok
