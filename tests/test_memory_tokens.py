@@ -1,5 +1,6 @@
 """Memory-token insertion, its inverse, the loss mask, and growing the vocabulary."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ from jaxllama.memory_tokens import (
     parse_memory_tokens,
     remove_memory_tokens,
 )
-from jaxllama.model import Transformer, init_params
+from jaxllama.model import Transformer
 
 MEM = 999
 
@@ -84,12 +85,17 @@ def _tokenizer(n=40):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
 
 
+def jit_init(cfg, seed):
+    variables = jax.jit(Transformer(cfg).init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_ensure_memory_token_grows_vocab(tied):
     cfg = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=48, layer_pattern=("dense",),
                       attention=AttentionConfig(num_heads=2, num_kv_heads=1),
                       tie_word_embeddings=tied)
-    params = init_params(cfg, jax.random.key(1))
+    params = jit_init(cfg, 1)
     tok = _tokenizer()
     mid, params2, cfg2 = ensure_memory_token(tok, params, cfg)
     assert mid == 40 and cfg2.vocab_size == 41 and len(tok) == 41
@@ -103,7 +109,7 @@ def test_ensure_memory_token_grows_vocab(tied):
     if not tied:
         assert params2["lm_head"]["kernel"].shape == (32, 41)
     ids = jnp.array([[3, 40, 5]])
-    logits, _ = Transformer(cfg2).apply({"params": params2}, ids)
+    logits, _ = jax.jit(Transformer(cfg2).apply)({"params": params2}, ids)
     assert logits.shape == (1, 3, 41) and bool(jnp.isfinite(logits).all())
     # idempotent: a second call finds the token and changes nothing
     mid2, params3, cfg3 = ensure_memory_token(tok, params2, cfg2)
@@ -113,6 +119,6 @@ def test_ensure_memory_token_grows_vocab(tied):
 def test_ensure_memory_token_existing_slot():
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, layer_pattern=("dense",),
                       attention=AttentionConfig(num_heads=2, num_kv_heads=1))
-    params = init_params(cfg, jax.random.key(2))
+    params = jit_init(cfg, 2)
     mid, params2, cfg2 = ensure_memory_token(_tokenizer(), params, cfg, token="<mem>")
     assert mid == 40 and cfg2 is cfg and params2 is params  # padded vocab already has the row

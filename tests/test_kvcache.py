@@ -1,0 +1,126 @@
+"""KV-cache planner: the published figures (METHODS 6), agreement with the caches the model
+really allocates, the CBHybrid presets under `jax.eval_shape`, and CLI errors."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxllama.config import AttentionConfig, LambdaConfig, ModelConfig, load_model_config
+from jaxllama.kvcache import main, plan
+from jaxllama.model import Transformer, init_cache
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def preset(name, overrides=()):
+    return load_model_config(PRESETS / f"{name}.yaml", list(overrides))
+
+
+def cache_bytes(tree):
+    return sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+def kv_bytes(tree):
+    """Bytes of the key/value leaves only (float leaves; ids and lengths are int32)."""
+    return sum(a.size * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)
+               if jnp.issubdtype(a.dtype, jnp.floating))
+
+
+def test_presets_layer_counts():
+    m, big = preset("cbhybrid-m-8b"), preset("cbhybrid-l-8b")
+    assert m.layer_pattern.count("lambda") == 28 and big.layer_pattern.count("lambda") == 25
+    for cfg in (m, big):
+        assert cfg.num_layers == 32 and cfg.layer_pattern[0] == "dense"
+        assert (cfg.lambda_.window, cfg.lambda_.global_tokens) == (8192, 512)
+        assert cfg.attention.rope.type == "llama3" and cfg.attention.max_position_embeddings == 131072
+        assert (cfg.attention.num_kv_heads, cfg.attention.head_dim) == (8, 128)
+    moved = preset("cbhybrid-m-8b", ["model.layer_pattern.dense=[0,1,30,31]"])
+    assert [i for i, k in enumerate(moved.layer_pattern) if k == "dense"] == [0, 1, 30, 31]
+
+
+def test_published_figures():
+    llama = preset("cbhybrid-m-8b", ["model.layer_pattern=dense"])
+    assert plan(llama, 16384).kv_bytes == 32 * 16384 * 4096 == 2_147_483_648
+    m = plan(preset("cbhybrid-m-8b"), 16384, memory_tokens=(256, 8))
+    big = plan(preset("cbhybrid-l-8b"), 16384, memory_tokens=(256, 8))
+    assert m.positions == 16896
+    assert {k.kind: k.entries for k in m.kinds} == {"dense": 16896, "lambda": 8704}
+    assert m.kv_bytes == (4 * 16896 + 28 * 8704) * 4096 == 1_275_068_416
+    assert big.kv_bytes == (7 * 16896 + 25 * 8704) * 4096 == 1_375_731_712
+    assert [round(p.kv_bytes / 1e9, 3) for p in (m, big)] == [1.275, 1.376]
+
+
+def test_cli_prints_figures(capsys):
+    for name, overrides, gb in [("cbhybrid-m-8b", ["--memory-tokens", "256:8"], "1.275 GB"),
+                                ("cbhybrid-l-8b", ["--memory-tokens", "256:8"], "1.376 GB"),
+                                ("cbhybrid-l-8b", ["--override", "model.layer_pattern=dense"],
+                                 "2.147 GB")]:
+        assert main(["--config", str(PRESETS / f"{name}.yaml"), "--seq-len", "16384",
+                     *overrides]) == 0
+        out = capsys.readouterr().out
+        assert "total keys/values: " in out and gb in out, out
+
+
+def small_cfg():
+    return ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48,
+                       layer_pattern=("dense", "lambda", "lambda", "dense", "lambda"),
+                       attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=6),
+                       lambda_=LambdaConfig(global_tokens=3, window=7))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_planner_matches_allocated_cache(dtype):
+    cfg = small_cfg()
+    p = plan(cfg, 40, batch=3, dtype=dtype, memory_tokens=(16, 2))
+    assert p.positions == 44
+    cache = init_cache(cfg, 3, p.positions, jnp.dtype(dtype))
+    assert kv_bytes(cache) == p.kv_bytes
+    assert cache_bytes(cache) == p.kv_bytes + p.bookkeeping_bytes
+    # lambda layers do not grow with the context, dense layers do
+    longer = plan(cfg, 400, batch=3, dtype=dtype)
+    lam = {k.kind: k for k in longer.kinds}["lambda"]
+    assert lam.kv_bytes == {k.kind: k for k in p.kinds}["lambda"].kv_bytes
+    assert kv_bytes(init_cache(cfg, 3, longer.positions, jnp.dtype(dtype))) == longer.kv_bytes
+
+
+@pytest.mark.parametrize("name", ["cbhybrid-m-8b", "cbhybrid-l-8b"])
+def test_presets_eval_shape(name):
+    cfg = preset(name)
+    p = plan(cfg, 16384, memory_tokens=(256, 8))
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, p.positions))
+    assert kv_bytes(cache) == p.kv_bytes
+    assert cache_bytes(cache) == p.kv_bytes + p.bookkeeping_bytes
+    model = Transformer(cfg)
+    tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    n_params = sum(a.size for a in jax.tree.leaves(variables))
+    assert n_params == 8_030_261_248  # Llama-3.1-8B
+    # one decode step on the full-size cache keeps every cache shape
+    logits, new_cache = jax.eval_shape(
+        lambda v, c: model.apply(v, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), c),
+        variables, cache)
+    assert logits.shape == (1, 1, 128256) and logits.dtype == jnp.float32
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), new_cache) == \
+        jax.tree.map(lambda a: (a.shape, a.dtype), cache)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--seq-len", "10"], "--config"),
+    (["--config", "{m}", "--seq-len", "0"], "--seq-len"),
+    (["--config", "{m}", "--seq-len", "x"], "--seq-len"),
+    (["--config", "{m}", "--seq-len", "10", "--memory-tokens", "256"], "E:M"),
+    (["--config", "{m}", "--seq-len", "10", "--dtype", "int8"], "--dtype"),
+    (["--config", "missing.yaml", "--seq-len", "10"], "missing.yaml"),
+    (["--config", "{m}", "--seq-len", "10", "--override", "model.nope=1"], "model.nope"),
+])
+def test_cli_errors(args, needle, capsys):
+    args = [a.format(m=PRESETS / "cbhybrid-m-8b.yaml") for a in args]
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(args))
+    assert e.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in captured.err, captured.err
