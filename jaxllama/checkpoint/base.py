@@ -273,6 +273,7 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{tmp.name[-8:]}"
@@ -308,3 +309,14 @@ def relayout(params: dict, old: ModelConfig, new: ModelConfig) -> dict:
             parts.append(leaf if o.index is None else leaf[o.index])
         set_path(out, path, parts[0] if group[0].index is None else jnp.stack(parts))
     return out
+
+
+def _default_permissions(root: Path) -> None:
+    """mkdtemp (and some writers) create owner-only entries; give the finished tree the permissions
+    a plain mkdir/open would (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~umask)
