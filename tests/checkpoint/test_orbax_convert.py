@@ -71,7 +71,8 @@ def test_orbax_overrides_split_runs(tiny_dir, tmp_path):
 def test_convert_hf_orbax_hf(tiny_dir, tmp_path, capsys):
     """HF (bf16) -> orbax -> HF keeps every weight and the dtype (--dtype auto)."""
     assert main(["--input", str(tiny_dir), "--output", str(tmp_path / "o"), "--to", "orbax"]) == 0
-    assert main(["--input", str(tmp_path / "o"), "--output", str(tmp_path / "h"), "--to", "hf"]) == 0
+    assert main(["--input", str(tmp_path / "o"), "--output", str(tmp_path / "h"),
+                 "--to", "hf"]) == 0
     assert "wrote hf checkpoint" in capsys.readouterr().out
     src, back = load_checkpoint(tiny_dir, "bfloat16"), load_checkpoint(tmp_path / "h", "bfloat16")
     assert back.config == src.config
@@ -118,9 +119,9 @@ def test_convert_errors(tiny_dir, tmp_path, capsys):
 
 
 def test_convert_cli_process_error_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jaxllama.convert", "--input",
-                           str(tmp_path / "nothing"), "--output", str(tmp_path / "o"), "--to", "hf"],
-                          capture_output=True, text=True, timeout=120)
+    argv = [sys.executable, "-m", "jaxllama.convert", "--input", str(tmp_path / "nothing"),
+            "--output", str(tmp_path / "o"), "--to", "hf"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")

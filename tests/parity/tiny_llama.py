@@ -81,7 +81,7 @@ def random_ids(seed: int, batch: int, length: int, vocab: int) -> np.ndarray:
 
 
 def tiny_tokenizer(vocab: int = 96):
-    """A word-level fast tokenizer over `w4 .. w{vocab-1}` with special tokens and a chat template."""
+    """A word-level fast tokenizer over `w4 .. w{vocab-1}`, special tokens, a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     words = {"<unk>": 0, "<s>": 1, "</s>": 2, "<eot>": 3}
@@ -90,5 +90,6 @@ def tiny_tokenizer(vocab: int = 96):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
                                   eos_token="</s>")
-    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> "
+                         "{% endfor %}")
     return tok
