@@ -42,7 +42,8 @@ def _source_dtype(path: str | None) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jaxllama.convert", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m jaxllama.convert",
+                                description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=None,
                    help="HF directory, .gguf file or orbax directory (default: embedded SmolLM2)")
@@ -52,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="parameter dtype written (auto: the input's dtype; float32 for GGUF)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted model-config override, e.g. model.attention.max_position_embeddings=4096")
+                   help="dotted model-config override, e.g. model.layer_pattern=lambda")
     return p.parse_args(argv)
 
 
