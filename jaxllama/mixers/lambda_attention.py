@@ -129,6 +129,9 @@ class LambdaAttention(Attention):
     @nn.compact
     def __call__(self, x, positions, cache: LambdaCache | None = None, segment_ids=None):
         lam = self.cfg.lambda_
+        if cache is None and getattr(self.kernels, "context_parallel", "none") != "none":
+            raise NotImplementedError("lambda layers do not support kernels.context_parallel "
+                                      f"{self.kernels.context_parallel!r} (use none)")
         q, k, q_d, k_0, v = self.rotations(x, positions)
         impl = self.kernels.attention
         if cache is None and segment_ids is None:
