@@ -16,6 +16,7 @@ from jaxllama.config import AttentionConfig, KernelConfig
 from jaxllama.kernels.flash_attention.api import Mask, attend
 from jaxllama.layers.basic import Linear
 from jaxllama.layers.rope import apply_rope, rope_cos_sin, rope_frequencies
+from jaxllama.parallel.context import context_attend
 from jaxllama.sharding import constrain
 
 
@@ -95,7 +96,11 @@ class Attention(nn.Module):
         if segment_ids is None and cache is not None:
             segment_ids = jnp.ones(x.shape[:2], jnp.int32)
         impl = self.kernels.attention
-        if cache is None:
+        if cache is None and self.kernels.context_parallel != "none":
+            # sequence sharded over the `seq` mesh axis (zigzag layout): ring or all-gather
+            out = context_attend(q, k, v, segment_ids, mode=self.kernels.context_parallel,
+                                 implementation=impl)
+        elif cache is None:
             mask = Mask(causal=True, q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
             out = attend(q, k, v, mask, implementation=impl)
         else:

@@ -1,0 +1,14 @@
+"""Context parallelism over the `seq` mesh axis: ring attention, all-gather K/V, zigzag layout."""
+
+from jaxllama.parallel.context import allgather_attention, context_attend
+from jaxllama.parallel.layout import from_zigzag, to_zigzag, zigzag_indices
+from jaxllama.parallel.ring_attention import ring_attention
+
+__all__ = [
+           "allgather_attention",
+           "context_attend",
+           "from_zigzag",
+           "ring_attention",
+           "to_zigzag",
+           "zigzag_indices",
+]

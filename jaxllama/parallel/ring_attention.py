@@ -1,0 +1,156 @@
+"""Ring attention over the `seq` mesh axis in the zigzag layout (METHODS section 4).
+
+Runs inside `shard_map`: each of the W devices holds 2C query/key/value rows, chunks r and 2W-1-r
+of the sequence (see `layout.py`). K/V travel around the ring with `ppermute`; after s steps device
+r holds the K/V of device (r - s) mod W. Per step, one static-shaped block goes through the
+attention kernel api (`attend(..., return_lse=True)`):
+
+- step 0: causal attention of the local rows over themselves. The local order keeps global
+  order (chunk r precedes chunk 2W-1-r), so a causal mask with offsets 0 is exact;
+- source before r (s <= r): every local query against the *first* source chunk, fully visible
+  (the second source chunk, 2W-1-src, lies after both local chunks);
+- source after r: the *second* local chunk against all source rows, fully visible (chunk r
+  precedes both source chunks).
+
+Partial results merge by log-sum-exp (`out -= sigmoid(lse_b - lse) (out - out_b)`,
+`lse -= log_sigmoid(lse - lse_b)`). The backward (custom_vjp) runs a second ring that carries the
+dK/dV accumulators with K/V; each block's gradients come from `jax.vjp` of the same `attend` call,
+with cotangents built from the final log-sum-exp (so kernels with their own backward are used).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxllama.kernels.flash_attention.api import Mask, attend
+
+F32 = jnp.float32
+
+
+def _rotate(x, axis_name: str, ways: int):
+    """Send to the next device of the ring: device r receives from r - 1."""
+    return jax.lax.ppermute(x, axis_name, [(i, (i + 1) % ways) for i in range(ways)])
+
+
+def _mask(causal: bool, q_seg, kv_seg) -> Mask:
+    return Mask(causal=causal, q_offset=0, k_offset=0, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+
+
+def _block(q, k, v, q_seg, kv_seg, causal, impl, scale):
+    out, lse = attend(q, k, v, _mask(causal, q_seg, kv_seg), scale=scale, implementation=impl,
+                      return_lse=True)
+    return out.astype(F32), lse  # [B T N H], [B N T]
+
+
+def _merge(out, lse, out_b, lse_b):
+    """Combine two normalised partial attentions by their log-sum-exps (lse_b may be -inf)."""
+    w = jax.nn.sigmoid(lse_b - lse)  # [B N T]
+    out = out - jnp.transpose(w, (0, 2, 1))[..., None] * (out - out_b)
+    return out, lse - jax.nn.log_sigmoid(lse - lse_b)
+
+
+def _rows_with_keys(q_seg, kv_seg):
+    """For a block without causal masking: (segment ids where rows that see no key borrow a
+    visible one, mask of rows that really see a key). Borrowing keeps the recomputed lse finite
+    so a zero cotangent stays zero in the block's vjp (no 0 * inf)."""
+    srt = jnp.sort(kv_seg, axis=-1)
+    idx = jnp.minimum(jax.vmap(jnp.searchsorted)(srt, q_seg), srt.shape[1] - 1)
+    live = jnp.take_along_axis(srt, idx, axis=-1) == q_seg  # [B T]
+    return jnp.where(live, q_seg, kv_seg[:, :1]), live
+
+
+def _block_grads(q, k, v, q_seg, kv_seg, causal, do, lse, dsum, impl, scale):
+    """dq, dk, dv (float32) of this block's share of the merged output.
+
+    out = sum_b w_b out_b with w_b = exp(lse_b - lse): the block output gets cotangent w_b do and
+    its lse gets w_b <do, out_b - out>."""
+    live = None
+    if not causal:
+        q_seg, live = _rows_with_keys(q_seg, kv_seg)
+    fn = lambda q_, k_, v_: attend(q_, k_, v_, _mask(causal, q_seg, kv_seg), scale=scale,
+                                   implementation=impl, return_lse=True)
+    (out_b, lse_b), vjp = jax.vjp(fn, q, k, v)
+    w = jnp.exp(lse_b - lse)  # [B N T]
+    if live is not None:
+        w = jnp.where(live[:, None, :], w, 0.0)
+    do_b = (jnp.transpose(w, (0, 2, 1))[..., None] * do).astype(out_b.dtype)
+    dlse_b = w * (jnp.einsum("btnh,btnh->bnt", do, out_b.astype(F32)) - dsum)
+    dq, dk, dv = vjp((do_b, dlse_b))
+    return dq.astype(F32), dk.astype(F32), dv.astype(F32)
+
+
+def _forward(q, k, v, q_seg, kv_seg, axis_name, ways, impl, scale):
+    r = jax.lax.axis_index(axis_name)
+    c = q.shape[1] // 2
+    out, lse = _block(q, k, v, q_seg, kv_seg, True, impl, scale)
+
+    def before(k, v, kv_seg):  # all local queries x first source chunk
+        return _block(q, k[:, :c], v[:, :c], q_seg, kv_seg[:, :c], False, impl, scale)
+
+    def after(k, v, kv_seg):  # second local chunk x all source rows
+        o, lse_b = _block(q[:, c:], k, v, q_seg[:, c:], kv_seg, False, impl, scale)
+        return (jnp.concatenate([jnp.zeros_like(o), o], axis=1),
+                jnp.concatenate([jnp.full_like(lse_b, -jnp.inf), lse_b], axis=2))
+
+    def step(s, carry):
+        k, v, kv_seg, out, lse = carry
+        k, v, kv_seg = (_rotate(a, axis_name, ways) for a in (k, v, kv_seg))
+        out_b, lse_b = jax.lax.cond(s <= r, before, after, k, v, kv_seg)
+        out, lse = _merge(out, lse, out_b, lse_b)
+        return k, v, kv_seg, out, lse
+
+    *_, out, lse = jax.lax.fori_loop(1, ways, step, (k, v, kv_seg, out, lse))
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def ring_attention(q, k, v, q_seg, kv_seg, axis_name: str, ways: int, implementation: str,
+                   scale: float | None):
+    """Causal attention of local zigzag rows q [B 2C N H] over the whole ring's k, v [B 2C K H];
+    q_seg, kv_seg [B 2C] int32 segment ids. Call inside `shard_map` over `axis_name` (size `ways`).
+    Returns out [B 2C N H] in q.dtype."""
+    out, _ = _forward(q, k, v, q_seg, kv_seg, axis_name, ways, implementation, scale)
+    return out.astype(q.dtype)
+
+
+def _ring_fwd(q, k, v, q_seg, kv_seg, axis_name, ways, implementation, scale):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, axis_name, ways, implementation, scale)
+    return out.astype(q.dtype), (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _ring_bwd(axis_name, ways, impl, scale, res, g):
+    q, k, v, q_seg, kv_seg, out, lse = res
+    r = jax.lax.axis_index(axis_name)
+    c = q.shape[1] // 2
+    do = g.astype(F32)
+    dsum = jnp.einsum("btnh,btnh->bnt", do, out)  # [B N T]
+    grads = functools.partial(_block_grads, impl=impl, scale=scale)
+    dq, dk, dv = grads(q, k, v, q_seg, kv_seg, True, do, lse, dsum)
+
+    def before(k, v, kv_seg):
+        dq_b, dk_b, dv_b = grads(q, k[:, :c], v[:, :c], q_seg, kv_seg[:, :c], False, do, lse, dsum)
+        return (dq_b, jnp.concatenate([dk_b, jnp.zeros_like(dk_b)], axis=1),
+                jnp.concatenate([dv_b, jnp.zeros_like(dv_b)], axis=1))
+
+    def after(k, v, kv_seg):
+        dq_b, dk_b, dv_b = grads(q[:, c:], k, v, q_seg[:, c:], kv_seg, False, do[:, c:],
+                                 lse[:, :, c:], dsum[:, :, c:])
+        return jnp.concatenate([jnp.zeros_like(dq_b), dq_b], axis=1), dk_b, dv_b
+
+    def step(s, carry):
+        k, v, kv_seg, dq, dk, dv = carry
+        # dK/dV accumulators travel with the K/V they belong to
+        k, v, kv_seg, dk, dv = (_rotate(a, axis_name, ways) for a in (k, v, kv_seg, dk, dv))
+        dq_b, dk_b, dv_b = jax.lax.cond(s <= r, before, after, k, v, kv_seg)
+        return k, v, kv_seg, dq + dq_b, dk + dk_b, dv + dv_b
+
+    *_, dq, dk, dv = jax.lax.fori_loop(1, ways, step, (k, v, kv_seg, dq, dk, dv))
+    # after W-1 steps device r holds the accumulators of device r + 1: one more hop home
+    dk, dv = _rotate(dk, axis_name, ways), _rotate(dv, axis_name, ways)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+ring_attention.defvjp(_ring_fwd, _ring_bwd)
