@@ -56,3 +56,33 @@ def test_smollm2_preset_matches_embedded_gguf(smollm2_gguf_path):
     preset = load_model_config(PRESETS[0].parent / "smollm2-135m.yaml")
     assert from_gguf.rms_norm_eps == pytest.approx(preset.rms_norm_eps, rel=1e-6)
     assert from_gguf.replace(rms_norm_eps=preset.rms_norm_eps) == preset
+
+
+# config.json of the published Meta checkpoints (transformers 4.x form, as shipped).
+_LLAMA3_JSON = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 8192,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 128256,
+}
+_LLAMA31_JSON = {
+    **_LLAMA3_JSON, "max_position_embeddings": 131072, "mlp_bias": False,
+    "eos_token_id": [128001, 128008, 128009],
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+}
+
+
+@pytest.mark.parametrize(("name", "raw"), [("llama3-8b", _LLAMA3_JSON),
+                                           ("llama3.1-8b", _LLAMA31_JSON)])
+def test_presets_equal_published_config_json(name, raw):
+    from jaxllama.checkpoint.hf_config import config_from_hf, config_to_hf
+    preset = load_model_config(PRESETS[0].parent / f"{name}.yaml")
+    assert config_from_hf(raw, "config.json") == preset
+    back = config_to_hf(preset)
+    assert config_from_hf(back, "exported config.json") == preset
+    for key in ("rope_theta", "rope_scaling", "max_position_embeddings", "num_key_value_heads"):
+        assert back[key] == raw[key], key
