@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -253,6 +254,23 @@ def with_overrides(cfg: ModelConfig, overrides: Iterable[str], where: str = "ove
 
 def with_dtype(cfg: ModelConfig, dtype: str) -> ModelConfig:
     return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def quiet(*loggers: str):
+    """Silence the INFO/WARNING chatter of third-party readers (transformers, absl/orbax) for the
+    duration of one call, restoring the caller's levels afterwards."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------- atomic output

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import logging
 import math
 import os
 import shutil
@@ -26,6 +25,7 @@ from jaxllama.checkpoint.base import (
     CheckpointError,
     TensorSource,
     assemble_params,
+    quiet,
     with_dtype,
     with_overrides,
 )
@@ -238,15 +238,16 @@ def tokenizer_cache_dir(path: Path) -> Path:
 def load_gguf_tokenizer(path: Path, use_cache: bool = True):
     """The fast tokenizer (chat template included) transformers builds from the GGUF metadata."""
     from transformers import AutoTokenizer
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     cache = tokenizer_cache_dir(path) if use_cache else None
     if cache is not None and (cache / "tokenizer.json").is_file():
         try:
-            return AutoTokenizer.from_pretrained(str(cache))
+            with quiet("transformers"):
+                return AutoTokenizer.from_pretrained(str(cache))
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below
             shutil.rmtree(cache, ignore_errors=True)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        with quiet("transformers"):
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - any reader error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF ({msg})") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from jaxllama.checkpoint.base import (
     assemble_params,
     atomic_output_dir,
     export_tensors,
+    quiet,
     tensor_specs,
     with_dtype,
     with_overrides,
@@ -91,9 +91,9 @@ def load_tokenizer(path: Path):
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        with quiet("transformers"):
+            return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - any reader error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot load the tokenizer ({msg})") from None

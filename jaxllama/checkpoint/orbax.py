@@ -8,7 +8,6 @@ Restoring asks orbax for the target dtype directly, so no second full-precision 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from jaxllama.checkpoint.base import (
     Checkpoint,
     CheckpointError,
     atomic_output_dir,
+    quiet,
     relayout,
     tensor_specs,
     with_dtype,
@@ -39,7 +39,6 @@ def is_orbax_dir(path: Path) -> bool:
 
 def _checkpointer():
     import orbax.checkpoint as ocp
-    logging.getLogger("absl").setLevel(logging.ERROR)
     return ocp.StandardCheckpointer()
 
 
@@ -49,10 +48,11 @@ def save_orbax(config: ModelConfig, params: dict, tokenizer, out_dir: str | os.P
     with atomic_output_dir(out_dir, overwrite) as tmp:
         with open(tmp / MODEL_YAML, "w") as f:
             yaml.safe_dump({"model": to_dict(config)}, f, sort_keys=False)
-        ckpt = _checkpointer()
-        ckpt.save(tmp / PARAMS_DIR, jax.tree.map(jnp.asarray, params))
-        ckpt.wait_until_finished()
-        ckpt.close()
+        with quiet("absl"):
+            ckpt = _checkpointer()
+            ckpt.save(tmp / PARAMS_DIR, jax.tree.map(jnp.asarray, params))
+            ckpt.wait_until_finished()
+            ckpt.close()
         with open(tmp / GENERATION, "w") as f:
             json.dump(generation_config or {}, f, indent=2)
         if tokenizer is not None:
@@ -79,7 +79,8 @@ def load_orbax(path: str | os.PathLike, dtype: str = "float32", overrides=()) ->
     target = _abstract_params(stored, dtype)
     ckpt = _checkpointer()
     try:
-        params = ckpt.restore(path / PARAMS_DIR, target)
+        with quiet("absl"):
+            params = ckpt.restore(path / PARAMS_DIR, target)
     except Exception as e:  # noqa: BLE001 - any reader error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path / PARAMS_DIR}: cannot restore params ({msg})") from None
