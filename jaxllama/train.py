@@ -1,0 +1,83 @@
+"""`python -m jaxllama.train`: train from a YAML config, or run a progressive-extension recipe.
+
+    python -m jaxllama.train --config configs/train/tiny.yaml [train.lr=1e-3 mesh.seq=2 ...]
+    python -m jaxllama.train --recipe configs/recipes/tiny.yaml [base overrides ...]
+    python -m jaxllama.train --recipe configs/recipes/llama3-8b-gradient-1048k.yaml --validate
+
+Bad configs and inputs are one line on stderr and exit status 2 (no traceback), before anything
+compiles. SIGTERM / SIGINT finish the current step, save a checkpoint and exit (status 0 for
+SIGTERM, 130 for SIGINT); rerunning the same command resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxllama.train", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="train YAML (configs/train/*.yaml)")
+    src.add_argument("--recipe", help="progressive context-extension recipe (configs/recipes)")
+    p.add_argument("--validate", action="store_true",
+                   help="check configs and shapes with jax.eval_shape; train nothing")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.lr=3e-4 mesh.seq=4")
+    return p
+
+
+def _setup_jax(cpu_devices: int) -> None:
+    import jax
+
+    if cpu_devices:
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    from jaxllama.checkpoint import CheckpointError
+    from jaxllama.config import ConfigError
+
+    try:
+        if args.recipe:
+            from jaxllama.training.recipe import load_recipe, run_recipe, validate_recipe
+
+            recipe = load_recipe(args.recipe, args.overrides)
+            _setup_jax(recipe.base.cpu_devices)
+            if args.validate:
+                for line in validate_recipe(recipe):
+                    print(line)
+                return 0
+            out = run_recipe(recipe)
+        else:
+            from jaxllama.training.config import load_train_config
+
+            cfg = load_train_config(args.config, args.overrides)
+            _setup_jax(cfg.cpu_devices)
+            if args.validate:
+                from jaxllama.training.recipe import validate_train_config
+
+                print(validate_train_config(cfg))
+                return 0
+            from jaxllama.training.trainer import run
+
+            out = run(cfg)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if out.get("stopped"):
+        print(f"stopped by {out['stopped']} at step {out['step']}; checkpoint saved "
+              "(rerun the same command to resume)", file=sys.stderr)
+        return 130 if out["stopped"] == "SIGINT" else 0
+    print(f"done: step {out['step']} loss {out['loss']:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
