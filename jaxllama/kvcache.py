@@ -80,7 +80,8 @@ def plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str | None = Non
         layers = cfg.layer_pattern.count(kind)
         entries = cache_entries(cfg, kind, positions)
         kv = 2 * layers * batch * entries * att.num_kv_heads * att.head_dim * itemsize
-        book = layers * (batch * entries * 4 + 4)  # int32 segment id per entry, int32 length
+        # int32 segment id per entry and a length counter; lambda rows also keep their first slot
+        book = layers * (batch * entries * 4 + 4 + (batch * 4 if kind == "lambda" else 0))
         kinds.append(KindPlan(kind, layers, entries, kv, book))
     return CachePlan(positions, extra, tuple(kinds))
 

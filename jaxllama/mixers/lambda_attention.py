@@ -31,11 +31,14 @@ from jaxllama.kernels.flash_attention.api import Mask, SinkInputs, attend
 from jaxllama.layers.rope import apply_rope
 from jaxllama.mixers.attention import Attention, rope_for
 
+NO_SLOT = 2**30  # first_slot of a row that has seen no real token yet
+
 
 @struct.dataclass
 class LambdaCache:
-    """Sinks: un-rotated k, v [B G K H] of slots 0..G-1. Ring: rotated k, v [B L K H] of the last
-    L slots, slot s stored at s % L. Segment ids (0 = empty or padding) and the slot count."""
+    """Sinks: un-rotated k, v [B G K H] of each row's first G real tokens. Ring: rotated k, v
+    [B L K H] of the last L slots, slot s stored at s % L. Segment ids (0 = empty or padding),
+    the slot count, and where each row's real tokens begin (after its leading padding)."""
 
     sink_k: jax.Array
     sink_v: jax.Array
@@ -43,6 +46,7 @@ class LambdaCache:
     ring_k: jax.Array
     ring_v: jax.Array
     ring_segment_ids: jax.Array  # [B L] int32
+    first_slot: jax.Array  # [B] int32: slot of the row's first real token (NO_SLOT before any)
     length: jax.Array  # int32 scalar: slots written so far
 
     @classmethod
@@ -56,6 +60,7 @@ class LambdaCache:
                    sink_segment_ids=jnp.zeros(sink[:2], jnp.int32),
                    ring_k=jnp.zeros(ring, dtype), ring_v=jnp.zeros(ring, dtype),
                    ring_segment_ids=jnp.zeros(ring[:2], jnp.int32),
+                   first_slot=jnp.full((batch,), NO_SLOT, jnp.int32),
                    length=jnp.zeros((), jnp.int32))
 
     @staticmethod
@@ -63,7 +68,7 @@ class LambdaCache:
         kv = ("batch", "cache_seq", "kv_heads", "head_dim")
         seg = ("batch", "cache_seq")
         return LambdaCache(sink_k=kv, sink_v=kv, sink_segment_ids=seg, ring_k=kv, ring_v=kv,
-                           ring_segment_ids=seg, length=())
+                           ring_segment_ids=seg, first_slot=("batch",), length=())
 
     def window_view(self):
         """Ring in chronological order: k, v [B L K H], segment ids [B L] of slots
@@ -77,14 +82,18 @@ class LambdaCache:
         """Write T new slots: rotated k_rot, un-rotated k_raw, v [B T K H], segment_ids [B T]."""
         start, t = self.length, k_rot.shape[1]
         g, w = self.sink_k.shape[1], self.ring_k.shape[1]
-        # sinks: slot j < G comes from chunk index j - start when the chunk covers it
-        src = jnp.arange(g) - start
-        hit = (src >= 0) & (src < t)
+        real = segment_ids != 0
+        first_here = jnp.where(jnp.any(real, axis=1), start + jnp.argmax(real, axis=1), NO_SLOT)
+        first_slot = jnp.minimum(self.first_slot, first_here.astype(jnp.int32))
+        # sinks: sink j of row b is slot first_slot[b] + j, chunk index first_slot[b] + j - start
+        src = first_slot[:, None] + jnp.arange(g)[None, :] - start  # [B G]
+        hit = (first_slot[:, None] != NO_SLOT) & (src >= 0) & (src < t)
         src = jnp.clip(src, 0, t - 1)
 
         def sink(old, new):
-            picked = jnp.take(new, src, axis=1).astype(old.dtype)
-            return jnp.where(hit.reshape((1, g) + (1,) * (old.ndim - 2)), picked, old)
+            idx = src.reshape(src.shape + (1,) * (new.ndim - 2))
+            picked = jnp.take_along_axis(new, idx, axis=1).astype(old.dtype)
+            return jnp.where(hit.reshape(hit.shape + (1,) * (old.ndim - 2)), picked, old)
 
         # ring: only the last min(T, L) tokens of the chunk survive; slot s goes to s % L
         n = min(t, w)
@@ -98,7 +107,12 @@ class LambdaCache:
             sink_segment_ids=sink(self.sink_segment_ids, segment_ids),
             ring_k=ring(self.ring_k, k_rot), ring_v=ring(self.ring_v, v),
             ring_segment_ids=ring(self.ring_segment_ids, segment_ids),
-            length=start + t)
+            first_slot=first_slot, length=start + t)
+
+    def lead(self):
+        """[B] leading padding of each row (0 before any real token): lambda positions are
+        slot - lead, so a left-padded row computes what it computes alone."""
+        return jnp.where(self.first_slot == NO_SLOT, 0, self.first_slot)
 
 
 def segment_offsets(segment_ids):
@@ -152,22 +166,36 @@ class LambdaAttention(Attention):
         else:
             if segment_ids is None:
                 segment_ids = jnp.ones(x.shape[:2], jnp.int32)
-            start = cache.length
-            ring_k, ring_v, ring_seg = cache.window_view()
-            cache = cache.append(k, k_0, v, segment_ids)
-            # columns: the ring (slots start-L .. start-1) then this chunk (start .. start+T-1)
-            keys = jnp.concatenate([ring_k.astype(q.dtype), k], axis=1)  # [B L+T K H]
-            vals = jnp.concatenate([ring_v.astype(q.dtype), v], axis=1)
-            mask = Mask(causal=True, window=lam.window, q_offset=start,
-                        k_offset=start - ring_k.shape[1], q_segment_ids=segment_ids,
-                        kv_segment_ids=jnp.concatenate([ring_seg, segment_ids], axis=1))
+            out, cache = self.attend_cached(q, k, q_d, k_0, v, segment_ids, cache)
+        return self.project_out(out), cache
+
+    def attend_cached(self, q, k, q_d, k_0, v, segment_ids, cache: LambdaCache):
+        """The chunk's T queries over [ring (slots start-L .. start-1) | chunk (start ..
+        start+T-1)] with the window, plus the sinks. Positions in the mask are slot - lead."""
+        lam = self.cfg.lambda_
+        start = cache.length
+        ring_k, ring_v, ring_seg = cache.window_view()
+        cache = cache.append(k, k_0, v, segment_ids)
+        keys = jnp.concatenate([ring_k.astype(q.dtype), k], axis=1)  # [B L+T K H]
+        vals = jnp.concatenate([ring_v.astype(q.dtype), v], axis=1)
+        kv_seg = jnp.concatenate([ring_seg, segment_ids], axis=1)
+        sink_k, sink_v = cache.sink_k.astype(q.dtype), cache.sink_v.astype(q.dtype)
+
+        def one(q, keys, vals, q_seg, kv_seg, q_d, sink_k, sink_v, sink_seg, lead):
+            mask = Mask(causal=True, window=lam.window, q_offset=start - lead,
+                        k_offset=start - lead - ring_k.shape[1], q_segment_ids=q_seg,
+                        kv_segment_ids=kv_seg)
             sink = None
             if lam.global_tokens:
-                sink = SinkInputs(q=q_d, k=cache.sink_k.astype(q.dtype),
-                                  v=cache.sink_v.astype(q.dtype),
-                                  segment_ids=cache.sink_segment_ids)
-            out = attend(q, keys, vals, mask, sink=sink, implementation=impl)
-        return self.project_out(out), cache
+                sink = SinkInputs(q=q_d, k=sink_k, v=sink_v, segment_ids=sink_seg)
+            return attend(q, keys, vals, mask, sink=sink, implementation=self.kernels.attention)
+
+        args = (q, keys, vals, segment_ids, kv_seg, q_d, sink_k, sink_v, cache.sink_segment_ids)
+        if q.shape[0] == 1:
+            return one(*args, cache.lead()[0]), cache
+        # rows with different leading padding have different offsets: one attend per row
+        rows = jax.vmap(one)(*(a[:, None] for a in args), cache.lead())
+        return rows[:, 0], cache
 
 
 __all__ = ["LambdaAttention", "LambdaCache", "segment_offsets"]

@@ -198,7 +198,7 @@ def test_chunked_prefill_and_decode_match_full_forward():
     cache = LambdaCache.init(cfg, 2, 0, jnp.float32)
     signature = cache_signature(cache)
     assert sum(s[2] for s in signature) == (2 * 2 * (g + w) * 2 * 8 * 4  # k, v float32
-                                            + 2 * (g + w) * 4 + 4)  # segment ids, length
+                                            + 2 * (g + w) * 4 + 2 * 4 + 4)  # ids, first, length
     outs, a = [], 0
     for c in [2, 7, 7] + [1] * (t - 16):  # first chunk inside the sinks, chunks longer than L
         y, cache = step({"params": params}, x[:, a:a + c], pos[:, a:a + c], cache)
@@ -207,6 +207,34 @@ def test_chunked_prefill_and_decode_match_full_forward():
         a += c
     assert int(cache.length) == t
     np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=1e-5, rtol=1e-5)
+
+
+def test_left_padded_rows_match_each_row_alone():
+    """Leading padding (segment id 0, positions from 0 at the first real token, as the generation
+    engine lays out a batch): every row computes what it computes unpadded; sinks are each row's
+    first G real tokens even when they arrive in a later chunk than the padding."""
+    g, w = 3, 5
+    cfg = mixer_cfg(g, w)
+    m, params = init_mixer(cfg, seed=6)
+    step = jax.jit(m.apply)
+    pads, total = [0, 4, 9], 23
+    x = jax.random.normal(jax.random.key(14), (3, total, cfg.hidden_size))
+    slot = np.arange(total)[None, :]
+    lead = np.array(pads)[:, None]
+    seg = jnp.asarray((slot >= lead).astype(np.int32))
+    pos = jnp.asarray(np.maximum(slot - lead, 0))
+    cache = LambdaCache.init(cfg, 3, 0, jnp.float32)
+    outs, a = [], 0
+    for c in [7, 7] + [1] * (total - 14):
+        y, cache = step({"params": params}, x[:, a:a + c], pos[:, a:a + c], cache, seg[:, a:a + c])
+        outs.append(y)
+        a += c
+    y = np.concatenate(outs, 1)
+    full = jax.jit(m.apply)
+    for b, p in enumerate(pads):
+        alone, _ = full({"params": params}, x[b:b + 1, p:], jnp.arange(total - p)[None])
+        np.testing.assert_allclose(y[b, p:], np.asarray(alone[0]), atol=1e-5, rtol=1e-5)
+    assert int(cache.length) == total and cache.first_slot.tolist() == pads
 
 
 def test_bfloat16_cache_close_to_float32():
