@@ -62,16 +62,23 @@ def _one_set(fn, options, cols: Columns, scale, out_dtype, q, k, v, q_offset, k_
 
 
 def attend(q, k, v, mask: Mask, *, sink: SinkInputs | None = None, scale: float | None = None,
-           implementation: str = "auto", return_lse: bool = False):
+           implementation: str = "auto", return_lse: bool = False,
+           block_sizes: tuple[int, int] | None = None):
     """Attention of q [B T N H] over k, v [B S K H] (N a multiple of K) under `mask` (mask.py).
 
     Returns out [B T N H] in q.dtype, and lse [B N T] float32 when `return_lse` (-inf, with output
     0, for rows that see nothing). Differentiable in q, k, v, the sink inputs and the lse.
-    A named implementation never falls back: an unavailable one raises.
+    A named implementation never falls back: an unavailable one raises. `block_sizes`
+    (block_q, block_k) overrides the implementation's heuristics (tuning and tests).
     """
     _check(q, k, v, mask, sink)
     name = _dispatch.resolve(implementation)
     fn, options = _implementation(name)
+    if block_sizes is not None:
+        bq, bk = (int(x) for x in block_sizes)
+        if bq < 1 or bk < 1:
+            raise ValueError(f"attend: block_sizes must be positive, got {block_sizes}")
+        options = (*options, ("blocks", (bq, bk)))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if sink is not None and sink.k.shape[1] == 0:
         sink = None

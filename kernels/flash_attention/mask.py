@@ -115,7 +115,7 @@ def visible(cols: Columns, q_pos, k_idx, k_offset, kv_len: int):
     Operands are 2-D and the ops elementwise, so the same function runs in the jnp reference and
     inside the Triton and Mosaic TPU kernel bodies."""
     k_pos = k_offset + k_idx
-    ok = k_idx < kv_len
+    ok = jnp.broadcast_to(k_idx < kv_len, (q_pos.shape[0], k_idx.shape[1]))
     if cols.causal:
         ok = ok & (k_pos <= q_pos - cols.shift)
     if cols.window is not None:
