@@ -201,7 +201,7 @@ def train_config_from_dict(data: dict, source: str = "") -> TrainConfig:
         cfg = from_dict(TrainConfig, data)
         check_model_keys(cfg.model)
         if "kernels" in cfg.model:
-            from_dict(KernelConfig, cfg.model["kernels"], "model.kernels")
+            from_dict(KernelConfig, cfg.model["kernels"], "model")  # value checks
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}" if source else str(e)) from None
     return cfg.replace(source=source)
