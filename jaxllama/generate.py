@@ -108,7 +108,6 @@ def run(args) -> int:
     from jaxllama.inference.engine import GenerationError
     from jaxllama.inference.sampling import SamplingError
 
-    _enable_compile_cache()
     try:
         llm = from_pretrained(args.checkpoint, args.dtype, _overrides(args))
     except (CheckpointError, ConfigError, OSError) as e:
@@ -166,4 +165,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _enable_compile_cache()
     sys.exit(main())

@@ -1,0 +1,108 @@
+"""`python -m jaxllama.generate`: bad input gives one line on stderr and a non-zero exit (no
+traceback); --json prints one object per prompt; the embedded SmolLM2 answers "Paris"."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxllama import AttentionConfig, ModelConfig, init_params
+from jaxllama.generate import main
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXLLAMA_COMPILE_CACHE": ""}
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "jaxllama.generate", *args], env=ENV, check=False,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(err: str, *words):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(smollm2_jax, tmp_path_factory):
+    """A tiny random Llama (SmolLM2's tokenizer, 64-token context) saved as an HF directory."""
+    from jaxllama.checkpoint import save_hf
+
+    cfg = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                      layer_pattern=("dense",) * 2, tie_word_embeddings=True,
+                      attention=AttentionConfig(num_heads=4, num_kv_heads=2,
+                                                max_position_embeddings=64))
+    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
+    out = tmp_path_factory.mktemp("tiny") / "hf"
+    save_hf(cfg, params, smollm2_jax.tokenizer, out, smollm2_jax.generation_config)
+    return str(out)
+
+
+def test_bad_flag_value_subprocess():
+    r = run_cli("--prompt", "hi", "--temperature", "-1", timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    one_line_error(r.stderr, "--temperature", ">= 0")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--top-p", "2"], ["--top-p", "<= 1"]),
+    (["--top-p", "0"], ["--top-p", "> 0"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens"]),
+    (["--top-k", "many"], ["--top-k", "many"]),
+    (["--dtype", "int8"], ["--dtype", "int8"]),
+])
+def test_bad_flag_values(capsys, args, words):
+    with pytest.raises(SystemExit) as e:
+        main(["--prompt", "hi", *args])
+    assert e.value.code == 2
+    one_line_error(capsys.readouterr().err, *words)
+
+
+def test_missing_and_unreadable_checkpoint(capsys, tmp_path):
+    assert main(["--prompt", "hi", "--checkpoint", str(tmp_path / "nope")]) == 1
+    one_line_error(capsys.readouterr().err, "nope", "no such file")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    assert main(["--prompt", "hi", "--checkpoint", str(bad)]) == 1
+    one_line_error(capsys.readouterr().err, "config.json")
+    assert not list(tmp_path.glob("*.tmp*"))  # nothing half-written
+
+
+def test_prompt_longer_than_context(capsys, tiny_hf):
+    long = "word " * 80
+    assert main(["--prompt", long, "--checkpoint", tiny_hf, "--no-chat"]) == 1
+    one_line_error(capsys.readouterr().err, "tokens but the context holds 64")
+    assert main(["--prompt", "word " * 8, "--checkpoint", tiny_hf, "--no-chat",
+                 "--max-len", "4"]) == 1
+    one_line_error(capsys.readouterr().err, "context holds 4")
+
+
+def test_json_batch(capsys, tiny_hf):
+    code = main(["--prompt", "hello there", "--prompt", "a much longer second prompt here",
+                 "--checkpoint", tiny_hf, "--json", "--max-new-tokens", "5", "--seed", "3",
+                 "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    rows = [json.loads(x) for x in lines]
+    for row, prompt in zip(rows, ["hello there", "a much longer second prompt here"]):
+        assert row["prompt"] == prompt
+        assert 1 <= len(row["token_ids"]) <= 5 and isinstance(row["text"], str)
+        assert row["prompt_tokens"] > 2
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] >= 0
+    assert rows[0]["prompt_tokens"] != rows[1]["prompt_tokens"]
+    assert np.all([0 <= t < 49152 for r in rows for t in r["token_ids"]])
+
+
+def test_paris_from_embedded_model():
+    r = run_cli("--prompt", "What is the capital of France?", "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "Traceback" not in r.stderr
