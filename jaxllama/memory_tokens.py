@@ -11,6 +11,7 @@ the same kind of container it was given.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -108,6 +109,34 @@ def parse_memory_tokens(spec: str) -> tuple[int, int]:
     return e, m
 
 
+def generate_with_memory_tokens(generate: Callable[[list[int], int], list[int]],
+                                prompt_ids: Sequence[int], max_new_tokens: int,
+                                episode_length: int, num_memory_tokens_per_episode: int,
+                                memory_token_id: int, eos_ids: Sequence[int] = ()) -> list[int]:
+    """Generate while keeping the memory-token layout: before every ordinary token that starts a
+    new episode, M memory tokens are fed to the model (never emitted).
+
+    `generate(ids, n)` continues the sequence `ids` by at most n tokens and returns them (it may
+    stop early at an EOS id). Generation runs in rounds that end at episode boundaries. Returns the
+    generated ordinary ids (a final EOS included).
+    """
+    e, m = episode_length, num_memory_tokens_per_episode
+    seq = list(insert_memory_tokens(list(prompt_ids), e, m, memory_token_id))
+    count = len(prompt_ids)  # ordinary tokens so far
+    out: list[int] = []
+    eos = {int(i) for i in eos_ids}
+    while len(out) < max_new_tokens:
+        if count and count % e == 0 and m:
+            seq += [memory_token_id] * m
+        new = list(generate(seq, min(e - count % e, max_new_tokens - len(out))))
+        out += new
+        seq += new
+        count += len(new)
+        if not new or new[-1] in eos:
+            break
+    return out
+
+
 class MemoryToken(NamedTuple):
     token_id: int
     params: Any
@@ -146,6 +175,7 @@ def ensure_memory_token(tokenizer, params, config, token: str = DEFAULT_MEMORY_T
     return MemoryToken(token_id, params, config)
 
 
-__all__ = ["DEFAULT_MEMORY_TOKEN", "MemoryToken", "ensure_memory_token", "insert_memory_tokens",
+__all__ = ["DEFAULT_MEMORY_TOKEN", "MemoryToken", "ensure_memory_token",
+           "generate_with_memory_tokens", "insert_memory_tokens",
            "memory_insert_count", "memory_token_loss_mask", "parse_memory_tokens",
            "remove_memory_tokens"]

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from jaxllama.config import AttentionConfig, ModelConfig
 from jaxllama.memory_tokens import (
     ensure_memory_token,
+    generate_with_memory_tokens,
     insert_memory_tokens,
     memory_insert_count,
     memory_token_loss_mask,
@@ -122,3 +123,37 @@ def test_ensure_memory_token_existing_slot():
     params = jit_init(cfg, 2)
     mid, params2, cfg2 = ensure_memory_token(_tokenizer(), params, cfg, token="<mem>")
     assert mid == 40 and cfg2 is cfg and params2 is params  # padded vocab already has the row
+
+
+@pytest.mark.parametrize("prompt_len,max_new,eos_at", [(5, 30, None), (8, 17, None), (3, 40, 19)])
+def test_generate_with_memory_tokens_layout(prompt_len, max_new, eos_at):
+    """Every round sees exactly the layout insert_memory_tokens gives the ordinary tokens so far,
+    plus the memory block when the next ordinary token starts an episode."""
+    e, m, eos = 4, 2, 7
+    calls = []
+    rng = np.random.default_rng(prompt_len)
+    produced = iter(int(x) for x in rng.integers(10, 50, 100))
+    made = []
+
+    def fake_generate(ids, n):
+        calls.append((list(ids), n))
+        out = []
+        for _ in range(n):
+            out.append(eos if eos_at is not None and len(made) == eos_at else next(produced))
+            made.append(out[-1])
+            if out[-1] == eos:
+                break
+        return out
+
+    prompt = list(range(20, 20 + prompt_len))
+    out = generate_with_memory_tokens(fake_generate, prompt, max_new, e, m, MEM, eos_ids=[eos])
+    assert out == made
+    assert len(out) == (eos_at + 1 if eos_at is not None else max_new)
+    assert all(0 < n <= e for _, n in calls)
+    for ids, _ in calls:
+        ordinary = remove_memory_tokens(ids, MEM)
+        expect = insert_memory_tokens(ordinary, e, m, MEM)
+        if len(ordinary) % e == 0:
+            expect = expect + [MEM] * m
+        assert ids == expect
+        assert ordinary == (prompt + out)[:len(ordinary)]

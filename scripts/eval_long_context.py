@@ -1,0 +1,371 @@
+"""Length generalization of the embedded SmolLM2-135M-Instruct (trained to 8K): dense vs lambda.
+
+    python scripts/eval_long_context.py --out runs/long_context
+
+(a) Perplexity of a long natural-language text, the Python Language Reference that ships with
+    CPython (`pydoc_data.topics`, nothing downloaded), for dense, all-lambda and a dense/lambda
+    hybrid. One causal forward over the longest length gives every shorter length exactly (token i
+    sees only tokens <= i): ppl@N is the mean NLL over the first N tokens, and the plot shows the
+    perplexity of consecutive 1K-token bins, where a blow-up past the training length is visible.
+(b) Passkey retrieval: a 5-digit number hidden at a given depth of repetitive filler text, asked for
+    at the end, answered greedily; accuracy per (depth, length) cell. Trials of one cell share the
+    filler before the needle, so that prefix is computed once and its cache reused.
+
+Everything runs through the model's cache in chunks (`--chunk` tokens), so memory stays bounded:
+dense layers hold the whole context, lambda layers G + L entries. Writes `ppl.png`,
+`passkey.png`, `results.md` and `results.json` under `--out` (written to a temporary directory
+first and moved into place at the end, so an interrupted run leaves nothing half-written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxllama.checkpoint import load_checkpoint
+from jaxllama.checkpoint.base import relayout, with_overrides
+from jaxllama.model import Transformer, init_cache
+
+TRAINED = 8192
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+          "again. ")
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+         "it. I will quiz you about the important information there.\n\n")
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def natural_text() -> str:
+    """The Python Language Reference (CPython's `pydoc_data.topics`), topics in sorted order."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+class Runner:
+    """Chunked prefill / NLL / greedy decode of one model configuration (batch 1)."""
+
+    def __init__(self, cfg, params, chunk: int):
+        self.cfg, self.params, self.chunk = cfg, params, chunk
+        model = Transformer(cfg)
+
+        def chunk_nll(params, tokens, targets, positions, cache):
+            h, cache = model.apply({"params": params}, tokens, positions, cache,
+                                   method=Transformer.hidden)
+            logits = model.apply({"params": params}, h, method=Transformer.logits)  # [1 C V]
+            logp = jax.nn.log_softmax(logits[0], axis=-1)
+            nll = -jnp.take_along_axis(logp, targets[0][:, None], axis=-1)[:, 0]
+            return nll, logits[0, -1], cache
+
+        def step(params, tokens, positions, cache):
+            logits, cache = model.apply({"params": params}, tokens, positions, cache)
+            return logits[0, -1], cache
+
+        self._chunk = jax.jit(chunk_nll)
+        self._step = jax.jit(step)
+
+    def new_cache(self, max_len: int):
+        return init_cache(self.cfg, 1, max_len)
+
+    def run(self, ids: np.ndarray, start: int, cache):
+        """Feed ids at positions start.. in chunks (the last one may be shorter: each distinct
+        size compiles once); returns (NLL of each next token within ids [len-1], last logits,
+        cache)."""
+        nlls, last = [], None
+        for a in range(0, len(ids), self.chunk):
+            tok = ids[a:a + self.chunk]
+            tgt = np.append(ids[a + 1:a + len(tok) + 1], 0)[:len(tok)]
+            pos = np.arange(start + a, start + a + len(tok))
+            nll, last, cache = self._chunk(self.params, jnp.asarray(tok[None]),
+                                           jnp.asarray(tgt[None]), jnp.asarray(pos[None]), cache)
+            nlls.append(np.asarray(nll))
+        return np.concatenate(nlls)[:-1], last, cache
+
+    def greedy(self, last_logits, cache, position: int, n: int) -> list[int]:
+        out = [int(jnp.argmax(last_logits))]
+        for i in range(n - 1):
+            logits, cache = self._step(self.params, jnp.array([[out[-1]]], jnp.int32),
+                                       jnp.array([[position + i]], jnp.int32), cache)
+            out.append(int(jnp.argmax(logits)))
+        return out
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def perplexity(runner: Runner, ids: np.ndarray, lengths: list[int], bin_size: int) -> dict:
+    t0 = time.perf_counter()
+    cache = runner.new_cache(len(ids))
+    nll, _, _ = runner.run(ids, 0, cache)
+    out = {f"ppl@{n}": float(np.exp(nll[:n - 1].mean())) for n in lengths}
+    bins = nll[: len(nll) // bin_size * bin_size].reshape(-1, bin_size).mean(1)
+    out["bin_ppl"] = np.exp(bins).tolist()
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def passkey_prompt(tok, n_tokens: int, depth_tokens: int, key: int):
+    """Token ids of exactly n_tokens: intro + filler, the needle starting at `depth_tokens`,
+    filler, then the question. Returns (prefix ids, rest ids): the prefix does not depend on key."""
+    enc = lambda s: tok.encode(s, add_special_tokens=False)
+    intro, filler = enc(INTRO), enc(FILLER)
+    needle = enc(f"The pass key is {key}. Remember it. {key} is the pass key.\n")
+    question = enc(QUESTION)
+    reps = n_tokens // len(filler) + 2
+    before = (intro + filler * reps)[:depth_tokens]
+    after_len = n_tokens - depth_tokens - len(needle) - len(question)
+    if after_len < 0:
+        raise ValueError(f"passkey prompt of {n_tokens} tokens cannot hold the needle at "
+                         f"{depth_tokens}")
+    after = (filler * reps)[:after_len]
+    return np.asarray(before, np.int32), np.asarray(needle + after + question, np.int32)
+
+
+def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed: int) -> dict:
+    """Accuracy per (length, depth) cell; `trials[length]` trials per cell (0 skips)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in lengths:
+        k = trials.get(n, 0)
+        for d in depths if k else ():
+            t0 = time.perf_counter()
+            depth_tokens = round(d * n / align) * align  # shared prefix: whole align blocks
+            prefix, _ = passkey_prompt(tok, n, depth_tokens, 0)
+            cache0 = runner.new_cache(n + 16)
+            if len(prefix):
+                _, _, cache0 = runner.run(prefix, 0, cache0)
+            hits = []
+            for _ in range(k):
+                key = int(rng.integers(10000, 100000))
+                _, rest = passkey_prompt(tok, n, depth_tokens, key)
+                _, last, cache = runner.run(rest, len(prefix), cache0)
+                answer = tok.decode(runner.greedy(last, cache, n, 8))
+                digits = "".join(ch if ch.isdigit() else " " for ch in answer).split()
+                hits.append(bool(digits) and digits[0] == str(key))
+            out[f"{n}/{d}"] = {"length": n, "depth": d, "trials": k, "correct": int(sum(hits)),
+                                   "seconds": time.perf_counter() - t0}
+            print(f"  passkey length {n} depth {d}: {sum(hits)}/{k} ({time.perf_counter() - t0:.0f}"
+                  f" s, peak RSS {peak_rss_gb():.1f} GB)", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def plot_ppl(results: dict, bin_size: int, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, r in results.items():
+        x = (np.arange(len(r["bin_ppl"])) + 1) * bin_size
+        ax.plot(x, r["bin_ppl"], marker=".", label=name)
+    ax.axvline(TRAINED, color="gray", ls="--", lw=1)
+    ax.text(TRAINED, ax.get_ylim()[1], " trained length", va="top", fontsize=8, color="gray")
+    ax.set_yscale("log")
+    ax.set_xlabel("position (tokens)")
+    ax.set_ylabel(f"perplexity of each {bin_size}-token bin")
+    ax.set_title("SmolLM2-135M-Instruct on the Python Language Reference")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_passkey(results: dict, lengths, depths, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.5), squeeze=False)
+    for ax, (name, cells) in zip(axes[0], results.items()):
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for i, d in enumerate(depths):
+            for j, n in enumerate(lengths):
+                c = cells.get(f"{n}/{d}")
+                if c:
+                    grid[i, j] = c["correct"] / c["trials"]
+                    ax.text(j, i, f"{c['correct']}/{c['trials']}", ha="center", va="center",
+                            fontsize=9)
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"passkey: {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(meta: dict, ppl: dict, keys: dict, lengths, depths) -> str:
+    lines = [f"Command: `{meta['command']}`", "",
+             (f"Machine: {meta['machine']}; date {meta['date']}; wall time "
+             f"{meta['seconds'] / 60:.0f} min; peak RSS {meta['peak_rss_gb']:.1f} GB."), "",
+             f"Models: {'; '.join(f'**{k}**: {v}' for k, v in meta['models'].items())}.", ""]
+    if ppl:
+        lines += [("Perplexity of the first N tokens (Python Language Reference, "
+                  "`pydoc_data.topics`):"), "",
+                  "| model | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
+                  "|---|" + "---:|" * len(lengths)]
+        for name, r in ppl.items():
+            lines.append(f"| {name} | " + " | ".join(f"{r[f'ppl@{n}']:.2f}" for n in lengths)
+                         + " |")
+        lines.append("")
+    if keys:
+        lines += ["Passkey retrieval (correct/trials; needle depth as a fraction of the context):",
+                  "", "| model | depth | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
+                  "|---|---:|" + "---:|" * len(lengths)]
+        for name, cells in keys.items():
+            for d in depths:
+                row = []
+                for n in lengths:
+                    c = cells.get(f"{n}/{d}")
+                    row.append(f"{c['correct']}/{c['trials']}" if c else "not run")
+                lines.append(f"| {name} | {d:.0%} | " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}"
+                                         ) from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}"
+                                         ) from None
+    if any(not 0 <= x <= 1 for x in out):
+        raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {text!r}")
+    return out
+
+
+def _trials(text: str) -> dict[int, int]:
+    try:
+        pairs = [item.split(":") for item in text.split(",") if item.strip()]
+        return {int(n): int(k) for n, k in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LENGTH:TRIALS pairs, e.g. 2048:10,32768:2, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_models(ck, args) -> dict:
+    lam = [f"model.lambda.global_tokens={args.global_tokens}",
+           f"model.lambda.window={args.window}", f"model.lambda.distance={args.window}"]
+    dense_list = ",".join(str(i) for i in args.hybrid_dense)
+    patterns = {"dense": None, "lambda": "lambda",
+                "hybrid": f"{{default: lambda, dense: [{dense_list}]}}"}
+    models = {}
+    for name, pattern in patterns.items():
+        if pattern is None:
+            models[name] = (ck.config, ck.params, "all 30 layers dense")
+            continue
+        cfg = with_overrides(ck.config, [f"model.layer_pattern={pattern}"] + lam)
+        desc = (f"G={args.global_tokens}, L=D={args.window}" if name == "lambda" else
+                f"dense layers {dense_list}, lambda elsewhere")
+        models[name] = (cfg, relayout(ck.params, ck.config, cfg), desc)
+    return models
+
+
+def main(argv=None) -> int:
+    ap = _Parser(prog="scripts/eval_long_context.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/long_context", help="output directory")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ap.add_argument("--lengths", type=_ints, default=[2048, 8192, 16384, 32768])
+    ap.add_argument("--ppl-models", default="lambda,hybrid,dense")
+    ap.add_argument("--passkey-models", default="lambda,dense")
+    ap.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
+    ap.add_argument("--trials", type=_trials, default={2048: 10, 8192: 10, 16384: 10, 32768: 10},
+                    help="passkey trials per cell for each length, e.g. 2048:10,32768:2")
+    ap.add_argument("--window", type=int, default=TRAINED, help="lambda window L (= distance D)")
+    ap.add_argument("--global-tokens", type=int, default=100, help="lambda sink tokens G")
+    ap.add_argument("--hybrid-dense", type=_ints, default=[0, 8, 16, 24],
+                    help="dense layers of the hybrid (the others are lambda)")
+    ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (tokens)")
+    ap.add_argument("--bin", type=int, default=1024, help="perplexity plot bin (tokens)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        ap.error(f"--out {out} exists (pass --overwrite to replace it)")
+    if args.chunk <= 0 or args.chunk % 256:
+        ap.error(f"--chunk must be a positive multiple of 256, got {args.chunk}")
+    known = {"dense", "lambda", "hybrid"}
+    ppl_models = [m for m in args.ppl_models.split(",") if m]
+    key_models = [m for m in args.passkey_models.split(",") if m]
+    for m in ppl_models + key_models:
+        if m not in known:
+            ap.error(f"unknown model {m!r} (known: dense, lambda, hybrid)")
+    lengths = sorted(args.lengths)
+
+    t_start = time.perf_counter()
+    ck = load_checkpoint(None)
+    models = build_models(ck, args)
+    text_ids = np.asarray(ck.tokenizer.encode(natural_text(), add_special_tokens=False), np.int32)
+    if len(text_ids) < lengths[-1]:
+        ap.error(f"the text has only {len(text_ids)} tokens, fewer than {lengths[-1]}")
+    ppl, keys = {}, {}
+    for name in dict.fromkeys(ppl_models + key_models):  # lambda first: its peak RSS is its own
+        cfg, params, _ = models[name]
+        runner = Runner(cfg, params, args.chunk)
+        if name in ppl_models:
+            ppl[name] = perplexity(runner, text_ids[:lengths[-1]], lengths, args.bin)
+            print(f"{name}: " + ", ".join(f"ppl@{n} {ppl[name][f'ppl@{n}']:.2f}" for n in lengths)
+                  + f" ({ppl[name]['seconds']:.0f} s, peak RSS {peak_rss_gb():.1f} GB)",
+                  flush=True)
+        if name in key_models:
+            keys[name] = passkey(runner, ck.tokenizer, lengths, args.depths, args.trials, 256,
+                                 args.seed)
+        ppl.get(name, {})["peak_rss_gb_after"] = peak_rss_gb()
+
+    meta = {"command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+                "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} "
+                        f"({jax.default_backend()}), float32",
+                "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t_start,
+                "peak_rss_gb": peak_rss_gb(),
+                "models": {k: v[2] for k, v in models.items() if k in ppl_models + key_models}}
+    tmp = Path(tempfile.mkdtemp(prefix=".eval_long_context.", dir=out.parent if out.parent.exists()
+                                else None))
+    try:
+        if ppl:
+            plot_ppl(ppl, args.bin, tmp / "ppl.png")
+        if keys:
+            plot_passkey(keys, lengths, args.depths, tmp / "passkey.png")
+        (tmp / "results.md").write_text(markdown(meta, ppl, keys, lengths, args.depths))
+        (tmp / "results.json").write_text(json.dumps({"meta": meta, "perplexity": ppl,
+                                                          "passkey": keys}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), str(out))
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    print((out / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
