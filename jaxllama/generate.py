@@ -52,6 +52,15 @@ def _number(kind, lo=None, hi=None, lo_open=False, name=""):
     return parse
 
 
+def _memory_spec(text):
+    from jaxllama.memory_tokens import parse_memory_tokens
+
+    try:
+        return parse_memory_tokens(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--memory-tokens ")) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jaxllama.generate", description=__doc__.split("\n")[0])
     p.add_argument("--prompt", action="append", required=True,
@@ -76,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. model.lambda.window=64 (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    p.add_argument("--memory-tokens", default=None, metavar="E:M", type=_memory_spec,
+                   help="M memory tokens after every E ordinary tokens (CBHybrid), e.g. 256:8")
+    p.add_argument("--memory-token", default="<|memory|>",
+                   help="the memory token (added to the tokenizer and embedding when absent)")
     return p
 
 
@@ -123,6 +136,9 @@ def run(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    if args.memory_tokens is not None:
+        return _run_with_memory_tokens(args, llm, chat, on_text if stream else None)
+
     try:
         out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -142,6 +158,37 @@ def run(args) -> int:
     print(f"[jaxllama] {len(out)} prompt(s), {c.prompt_tokens} prompt tokens: prefill "
           f"{c.prefill_tokens_per_s:.1f} tok/s, decode {c.decode_tokens_per_s:.1f} tok/s per "
           "sequence", file=sys.stderr)
+    return 0
+
+
+def _run_with_memory_tokens(args, llm, chat: bool, on_text) -> int:
+    """Prompts one at a time, memory tokens inserted in the prompt and between generated
+    episodes (see `jaxllama.memory_tokens.generate_with_memory_tokens`)."""
+    from jaxllama.api import LLM
+    from jaxllama.memory_tokens import ensure_memory_token, generate_with_memory_tokens
+
+    episode, per_episode = args.memory_tokens
+    mid, params, cfg = ensure_memory_token(llm.tokenizer, llm.params, llm.config,
+                                           args.memory_token)
+    llm = LLM(cfg, params, llm.tokenizer, llm.generation_config, llm.source)
+
+    def continue_ids(ids, n):
+        return llm.generate([ids], max_new_tokens=n, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed + len(ids),
+                            max_len=args.max_len, on_text=on_text)[0].token_ids
+
+    for prompt in args.prompt:
+        ids = llm.encode(prompt, chat, args.system)
+        new = generate_with_memory_tokens(continue_ids, ids, args.max_new_tokens, episode,
+                                          per_episode, mid, llm.eos_token_ids)
+        text = llm.tokenizer.decode(new, skip_special_tokens=True)
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": text, "token_ids": new,
+                              "memory_token_id": mid}, ensure_ascii=False))
+        elif on_text is not None:
+            print()
+        else:
+            print(f"--- {prompt}\n{text}")
     return 0
 
 
