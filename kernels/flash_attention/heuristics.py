@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-# Scores held per reference step, in elements per (batch, query head): 512 x 512 float32 = 1 MiB.
-REFERENCE_STEP_ELEMENTS = 512 * 512
-REFERENCE_MAX_BLOCK_Q = 512
+# Scores held per reference step, in elements per (batch, query head): 256 x 256 float32 = 256 KiB,
+# so a step's [B N 256 256] tile stays in cache; on a 2-core CPU 256 x 256 ran a causal T=2048 prefill
+# (9 heads, head dim 64) about 1.5x faster forward and 1.9x faster forward+backward than 512 x 512.
+REFERENCE_STEP_ELEMENTS = 256 * 256
+REFERENCE_MAX_BLOCK_Q = 256
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -34,11 +36,14 @@ def _balanced(n: int, block: int, multiple: int = 1) -> int:
     return _cdiv(_cdiv(n, _cdiv(n, block)), multiple) * multiple
 
 
-def reference_blocks(t: int, s: int) -> tuple[int, int]:
-    """(block_q, block_k) for the blockwise jnp reference."""
+def reference_blocks(t: int, s: int, window: int | None = None) -> tuple[int, int]:
+    """(block_q, block_k) for the blockwise jnp reference. Few queries (decode) take the keys in one
+    big block; a sliding window caps the key block near the window so skipping pays off."""
     bq = _balanced(t, REFERENCE_MAX_BLOCK_Q)
-    bk = _balanced(s, max(REFERENCE_STEP_ELEMENTS // bq, 512))
-    return bq, bk
+    bk = max(REFERENCE_STEP_ELEMENTS // bq, 256)
+    if window is not None:
+        bk = min(bk, max(_cdiv(window, 128) * 128, 256))
+    return bq, _balanced(s, bk)
 
 
 class GpuBlocks(NamedTuple):

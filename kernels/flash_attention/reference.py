@@ -199,7 +199,8 @@ def _block_ok(static: Static, aux: Aux, i, j, bq: int, bk: int, s: int, qseg_i, 
 
 
 def _blocks(static: Static, t: int, s: int):
-    bq, bk = dict(static.options).get("blocks") or heuristics.reference_blocks(t, s)
+    bq, bk = (dict(static.options).get("blocks")
+              or heuristics.reference_blocks(t, s, static.cols.window))
     return bq, bk, -(-t // bq), -(-s // bk)
 
 
