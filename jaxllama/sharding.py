@@ -24,7 +24,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxllama.config import ConfigError
 
@@ -103,13 +103,24 @@ def make_mesh(cfg: MeshConfig | dict | None = None, devices: Sequence[Any] | Non
                          devices=devices)
 
 
+def make_abstract_mesh(cfg: MeshConfig, num_devices: int) -> AbstractMesh:
+    """A device-less mesh of the same axes, for `jax.eval_shape` of configs bigger than this host
+    (e.g. validating a 64-accelerator recipe on a laptop)."""
+    sizes = cfg.resolve(num_devices)
+    shape = tuple(sizes[n] for n in _GRID_ORDER)
+    return AbstractMesh(shape, _GRID_ORDER, axis_types=(AxisType.Auto,) * len(shape))
+
+
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh | None):
-    """Make `mesh` and `RULES` current: `constrain` and context parallelism see them. None = no-op."""
+def use_mesh(mesh: Mesh | AbstractMesh | None):
+    """Make `mesh` and `RULES` current: `constrain` and context parallelism see them. None = no-op.
+    Enter it outside `jax.jit` (a concrete mesh is set with `jax.set_mesh`)."""
     if mesh is None:
         yield
         return
-    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    ctx = (jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, AbstractMesh)
+           else jax.set_mesh(mesh))
+    with ctx, nn.logical_axis_rules(RULES):
         yield
 
 

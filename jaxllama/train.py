@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.ERROR)
+    logging.getLogger("jax").setLevel(logging.WARNING)
     from jaxllama.checkpoint import CheckpointError
     from jaxllama.config import ConfigError
 
