@@ -116,3 +116,24 @@ def test_flops_per_token_counts_matmuls_and_attention():
     # 1 layer: q 16*2*8, k/v 2*16*1*8, o 2*8*16, mlp 3*16*32, head 16*50
     assert matmul_params(CFG) == 256 + 256 + 256 + 1536 + 800
     assert flops_per_token(CFG, 64) == 6 * 3104 + 6 * 64 * 2 * 8
+
+
+def test_plot_metrics_writes_png(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_metrics", Path(__file__).resolve().parents[2] / "scripts" / "plot_metrics.py")
+    plot_metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_metrics)
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.parent.mkdir()
+    rows = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3} for s in (1, 2, 3)]
+    rows.append({"step": 3, "loss": 4.0, "lr": 1e-3})  # a resumed run re-logs step 3
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    assert plot_metrics.read_log(log)[3]["loss"] == 4.0
+    out = tmp_path / "loss.png"
+    assert plot_metrics.main([str(log), "--out", str(out), "--smooth", "2"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_metrics.main([str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
