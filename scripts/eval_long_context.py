@@ -103,6 +103,11 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def cpu_minutes() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return (r.ru_utime + r.ru_stime) / 60
+
+
 def perplexity(runner: Runner, ids: np.ndarray, lengths: list[int], bin_size: int) -> dict:
     t0 = time.perf_counter()
     cache = runner.new_cache(len(ids))
@@ -155,7 +160,8 @@ def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed
             out[f"{n}/{d}"] = {"length": n, "depth": d, "trials": k, "correct": int(sum(hits)),
                                    "seconds": time.perf_counter() - t0}
             print(f"  passkey length {n} depth {d}: {sum(hits)}/{k} ({time.perf_counter() - t0:.0f}"
-                  f" s, peak RSS {peak_rss_gb():.1f} GB)", flush=True)
+                  f" s, {cpu_minutes():.0f} CPU-min so far, peak RSS {peak_rss_gb():.1f} GB)",
+                  flush=True)
     return out
 
 
@@ -209,7 +215,8 @@ def plot_passkey(results: dict, lengths, depths, path: Path) -> None:
 def markdown(meta: dict, ppl: dict, keys: dict, lengths, depths) -> str:
     lines = [f"Command: `{meta['command']}`", "",
              (f"Machine: {meta['machine']}; date {meta['date']}; wall time "
-             f"{meta['seconds'] / 60:.0f} min; peak RSS {meta['peak_rss_gb']:.1f} GB."), "",
+             f"{meta['seconds'] / 60:.0f} min ({meta['cpu_minutes']:.0f} CPU-minutes); peak RSS "
+             f"{meta['peak_rss_gb']:.1f} GB."), "",
              f"Models: {'; '.join(f'**{k}**: {v}' for k, v in meta['models'].items())}.", ""]
     if ppl:
         lines += [("Perplexity of the first N tokens (Python Language Reference, "
@@ -299,7 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", type=_floats, default=[0.1, 0.5, 0.9])
     ap.add_argument("--trials", type=_trials, default={2048: 10, 8192: 10, 16384: 10, 32768: 10},
                     help="passkey trials per cell for each length, e.g. 2048:10,32768:2")
-    ap.add_argument("--window", type=int, default=TRAINED, help="lambda window L (= distance D)")
+    ap.add_argument("--dense-trials", type=_trials, default=None,
+                    help="passkey trials of the dense model (default: --trials)")
+    ap.add_argument("--window", type=int, default=2048, help="lambda window L (= distance D)")
     ap.add_argument("--global-tokens", type=int, default=100, help="lambda sink tokens G")
     ap.add_argument("--hybrid-dense", type=_ints, default=[0, 8, 16, 24],
                     help="dense layers of the hybrid (the others are lambda)")
@@ -333,10 +342,11 @@ def main(argv=None) -> int:
         if name in ppl_models:
             ppl[name] = perplexity(runner, text_ids[:lengths[-1]], lengths, args.bin)
             print(f"{name}: " + ", ".join(f"ppl@{n} {ppl[name][f'ppl@{n}']:.2f}" for n in lengths)
-                  + f" ({ppl[name]['seconds']:.0f} s, peak RSS {peak_rss_gb():.1f} GB)",
-                  flush=True)
+                  + f" ({ppl[name]['seconds']:.0f} s, {cpu_minutes():.0f} CPU-min so far, peak RSS"
+                  f" {peak_rss_gb():.1f} GB)", flush=True)
         if name in key_models:
-            keys[name] = passkey(runner, ck.tokenizer, lengths, args.depths, args.trials, 256,
+            trials = args.dense_trials if name == "dense" and args.dense_trials else args.trials
+            keys[name] = passkey(runner, ck.tokenizer, lengths, args.depths, trials, 256,
                                  args.seed)
         ppl.get(name, {})["peak_rss_gb_after"] = peak_rss_gb()
 
@@ -344,7 +354,7 @@ def main(argv=None) -> int:
                 "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} "
                         f"({jax.default_backend()}), float32",
                 "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t_start,
-                "peak_rss_gb": peak_rss_gb(),
+                "cpu_minutes": cpu_minutes(), "peak_rss_gb": peak_rss_gb(),
                 "models": {k: v[2] for k, v in models.items() if k in ppl_models + key_models}}
     tmp = Path(tempfile.mkdtemp(prefix=".eval_long_context.", dir=out.parent if out.parent.exists()
                                 else None))
