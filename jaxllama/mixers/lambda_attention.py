@@ -13,10 +13,17 @@ depend on the sequence length. With a cache a call appends T >= 1 tokens (chunke
 one-token decode are one code path): the chunk attends to the ring buffer, to itself and to the
 sinks.
 
-Positions in the mask are slot indices (token t of a row is at slot t), as in the dense cache; the
-`positions` argument drives RoPE only. "Un-rotated" means rotated to position 0, which is the
-identity for every RoPE type except those with an attention factor (yarn, longrope), where it keeps
-the factor on both sides of the score, as the ordinary branch does.
+Positions of the lambda rule are token indices, not the `positions` argument (which drives RoPE):
+without a cache, the index in the row (or, with segment ids, in the segment: packed rows restart
+the rule, sinks included, at every segment); with a cache, the slot minus the row's leading padding
+(segment id 0 before its first real token), so a left-padded row of a generation batch computes
+exactly what it computes alone. "Un-rotated" means rotated to position 0: the identity for every
+RoPE type except those with an attention factor (yarn, longrope), where it keeps the factor on
+both sides of the score, as the ordinary branch does.
+
+Costs. The ring holds L entries though L - 1 would do (the published CBHybrid cache sizes count
+L + G per layer). With segment ids and no cache every token is a potential sink column, which
+doubles the attention work of that (packed training) path.
 """
 
 from __future__ import annotations
