@@ -40,9 +40,19 @@ def test_presets_layer_counts():
     assert [i for i, k in enumerate(moved.layer_pattern) if k == "dense"] == [0, 1, 30, 31]
 
 
+def test_presets_share_llama31_geometry():
+    base = preset("llama3.1-8b")
+    for name in ("cbhybrid-m-8b", "cbhybrid-l-8b"):
+        cfg = preset(name)
+        assert cfg.replace(layer_pattern=base.layer_pattern, lambda_=None, dtype=base.dtype,
+                           param_dtype=base.param_dtype) == base
+
+
 def test_published_figures():
-    llama = preset("cbhybrid-m-8b", ["model.layer_pattern=dense"])
-    assert plan(llama, 16384).kv_bytes == 32 * 16384 * 4096 == 2_147_483_648
+    llama = preset("llama3.1-8b")
+    assert plan(llama, 16384, dtype="bfloat16").kv_bytes == 32 * 16384 * 4096 == 2_147_483_648
+    assert plan(preset("cbhybrid-m-8b", ["model.layer_pattern=dense"]), 16384).kv_bytes == \
+        2_147_483_648
     m = plan(preset("cbhybrid-m-8b"), 16384, memory_tokens=(256, 8))
     big = plan(preset("cbhybrid-l-8b"), 16384, memory_tokens=(256, 8))
     assert m.positions == 16896
@@ -55,8 +65,7 @@ def test_published_figures():
 def test_cli_prints_figures(capsys):
     for name, overrides, gb in [("cbhybrid-m-8b", ["--memory-tokens", "256:8"], "1.275 GB"),
                                 ("cbhybrid-l-8b", ["--memory-tokens", "256:8"], "1.376 GB"),
-                                ("cbhybrid-l-8b", ["--override", "model.layer_pattern=dense"],
-                                 "2.147 GB")]:
+                                ("llama3.1-8b", ["--dtype", "bfloat16"], "2.147 GB")]:
         assert main(["--config", str(PRESETS / f"{name}.yaml"), "--seq-len", "16384",
                      *overrides]) == 0
         out = capsys.readouterr().out
