@@ -1,0 +1,162 @@
+"""Training throughput of a small Llama at long sequence lengths: tokens/s, MFU, peak memory.
+
+    python scripts/bench_train.py                       # 4K, 16K, 64K; CPU: 1 and 8 devices
+    python scripts/bench_train.py --seq 4096 --steps 3  # a quick look
+
+Every configuration runs in a fresh process (clean device count and peak memory), as one
+sequence per step: on 1 device with the chunked loss and with full [T, V] logits; on 8 devices
+(simulated on CPU) with the sequence split 8 ways over the `seq` mesh axis, by ring attention
+(zigzag layout) or by XLA's own partitioning of plain attention (`context_parallel: none`), both
+with the chunked loss. Compilation (ahead of time) is reported apart from the timed steps (the
+median of `--steps`; the first executed step is timed too, as nothing is left to compile). MFU counts model FLOPs
+(jaxllama.training.metrics.flops_per_token) against the peak: the accelerator's table entry, or
+on CPU a measured float32 matmul rate of the whole host (simulated devices share its cores).
+Peak memory is the process's peak resident set on CPU, the device's peak bytes in use on GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+MODEL = {"vocab_size": 8192, "hidden_size": 128, "intermediate_size": 384, "num_layers": 2,
+         "layer_pattern": "dense",
+         "attention": {"num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 65536,
+                       "rope": {"theta": 500000.0}}}
+
+
+def configs(seqs: list[int], devices: int, all_long: bool) -> list[dict]:
+    """Per length: 1 device chunked / full logits; N devices ring / XLA-sharded. From 32K on, only
+    the chunked 1-device and ring rows unless `all_long` (each CPU step takes many minutes)."""
+    out = []
+    for t in seqs:
+        full = all_long or t < 32768
+        out.append({"seq": t, "devices": 1, "cp": "none", "loss_chunk": 1024})
+        if full:
+            out.append({"seq": t, "devices": 1, "cp": "none", "loss_chunk": 0})
+        if devices > 1:
+            out.append({"seq": t, "devices": devices, "cp": "ring", "loss_chunk": 1024})
+            if full:
+                out.append({"seq": t, "devices": devices, "cp": "none", "loss_chunk": 1024})
+    return out
+
+
+def run_one(c: dict, steps: int, peak: float) -> dict:
+    """Child process: one configuration, printed as JSON."""
+    import jax
+
+    if c["devices"] > 1:  # only the CPU backend reads it (simulated devices)
+        jax.config.update("jax_num_cpu_devices", c["devices"])
+    import numpy as np
+
+    from jaxllama.config import model_config_from_dict
+    from jaxllama.model import Transformer
+    from jaxllama.parallel import to_zigzag
+    from jaxllama.sharding import make_mesh
+    from jaxllama.training.metrics import flops_per_token
+    from jaxllama.training.optimizer import lr_schedule, make_optimizer
+    from jaxllama.training.step import compile_train_step, init_state
+
+    model_cfg = model_config_from_dict({**MODEL, "kernels": {"context_parallel": c["cp"],
+                                                             "remat": "full"}})
+    model = Transformer(model_cfg)
+    mesh = make_mesh({"data": 1, "seq": c["devices"]}, jax.devices()[:c["devices"]])
+    tx = make_optimizer(lr_schedule(1e-4, 100, 0))
+    state = init_state(model, tx, mesh, jax.random.key(0))
+    t = c["seq"]
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, model_cfg.vocab_size, (1, t)).astype(np.int32),
+             "targets": rng.integers(0, model_cfg.vocab_size, (1, t)).astype(np.int32),
+             "weights": np.ones((1, t), np.float32),
+             "positions": np.arange(t, dtype=np.int32)[None],
+             "segment_ids": np.ones((1, t), np.int32)}
+    if c["cp"] != "none":
+        batch = {k: to_zigzag(v, c["devices"]) for k, v in batch.items()}
+    from jaxllama.sharding import batch_sharding, use_mesh
+
+    step = compile_train_step(model, tx, mesh, loss_chunk=c["loss_chunk"])
+    batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in batch.items()}
+    t0 = time.perf_counter()
+    with use_mesh(mesh):  # compile ahead of time: the timed steps reuse this executable
+        compiled = step.jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    m = None
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
+    tok_s = t / dt
+    if jax.devices()[0].platform == "cpu":
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    else:
+        mem = max(d.memory_stats().get("peak_bytes_in_use", 0) for d in jax.local_devices())
+    return {**c, "step_s": dt, "tokens_per_s": tok_s, "compile_s": compile_s,
+            "mfu": flops_per_token(model_cfg, t) * tok_s / peak if peak else 0.0,
+            "peak_gib": mem / 2 ** 30, "loss": float(m["loss"]),
+            "device": jax.devices()[0].device_kind}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--devices", type=int, default=0,
+                   help="devices for the sharded rows (CPU: simulated); 0 = 8 on CPU, else all")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
+    p.add_argument("--long-steps", type=int, default=1,
+                   help="timed steps for sequences of 32K and more (each is minutes on a CPU)")
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
+    p.add_argument("--all-long", action="store_true",
+                   help="also full logits and XLA-sharded attention at 32K and more")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        c = json.loads(args.child)
+        print("RESULT " + json.dumps(run_one(c["config"], c["steps"], c["peak"])))
+        return 0
+
+    import jax
+
+    from jaxllama.training.metrics import peak_flops
+
+    peak, source = peak_flops()
+    on_cpu = jax.devices()[0].platform == "cpu"
+    devices = args.devices or (8 if on_cpu else jax.device_count())
+    print(f"# bench_train: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, {jax.devices()[0].device_kind}, peak {peak / 1e9:.1f} "
+          f"GFLOP/s ({source}), {time.strftime('%Y-%m-%d')}")
+    print("| seq | devices | attention | loss | tokens/s | MFU | peak mem (GiB) | step (s) |"
+          " compile (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for c in configs(args.seq, devices, args.all_long or not on_cpu):
+        steps = args.long_steps if c["seq"] >= 32768 else args.steps
+        child = json.dumps({"config": c, "steps": steps, "peak": peak})
+        try:
+            out = subprocess.run([sys.executable, __file__, "--child", child], check=False,
+                                 capture_output=True, text=True, timeout=args.timeout)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            r = json.loads(line[-1][7:]) if line else None
+            err = (out.stderr.strip().splitlines() or ["failed"])[-1][:80]
+        except subprocess.TimeoutExpired:
+            r, err = None, f"timeout after {args.timeout}s"
+        attn = {"ring": "ring (zigzag)", "none": "plain" if c["devices"] == 1 else "XLA-sharded"}
+        head = (f"| {c['seq'] // 1024}K | {c['devices']} | {attn[c['cp']]} | "
+                f"{'chunked' if c['loss_chunk'] else 'full logits'} |")
+        if r is None:
+            print(f"{head} {err} | | | | |", flush=True)
+        else:
+            print(f"{head} {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |"
+                  f" {r['step_s']:.2f} | {r['compile_s']:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
