@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 
 import jax
@@ -80,13 +81,16 @@ def compiled_text(fn, *args, **kwargs) -> str:
     return jax.jit(fn).lower(*args, **kwargs).compile().as_text()
 
 
-def kernels_in(fn, *args, **kwargs) -> set[str]:
-    """Names of this package's Pallas kernels (prefix `jaxllama_`) found in the compiled HLO of
-    `fn`: on GPU/TPU the custom call carries the kernel name; in interpret mode the kernel's ops
-    keep it in their metadata. An implementation that silently fell back would leave none."""
-    import re
+def kernel_names(hlo_text: str) -> set[str]:
+    """Names of this package's Pallas kernels (prefix `jaxllama_`) in compiled HLO text: on GPU/TPU
+    the custom call carries the kernel name; in interpret mode the kernel's ops keep it in their
+    metadata. An implementation that silently fell back would leave none."""
+    return set(re.findall(r"jaxllama_[a-z0-9_]+", hlo_text))
 
-    return set(re.findall(r"jaxllama_[a-z0-9_]+", compiled_text(fn, *args, **kwargs)))
+
+def kernels_in(fn, *args, **kwargs) -> set[str]:
+    """`kernel_names` of the compiled `jax.jit(fn)(*args, **kwargs)`."""
+    return kernel_names(compiled_text(fn, *args, **kwargs))
 
 
 def assert_kernel_ran(name: str, fn, *args, **kwargs) -> None:

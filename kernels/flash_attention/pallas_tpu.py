@@ -127,74 +127,87 @@ def _clamped(it, lo, count, n_first, n_blocks):
 # ----------------------------------------------------------------------------- forward and dq
 
 
-def _kv_step_kernel(lo_ref, hi_ref, offs_ref, *refs, cols, scale, geo: _Geometry, backward: bool):
-    """Forward (backward=False) or dq (backward=True) over the key blocks of one query block."""
+def _unpack(refs, cols, n_inputs: int):
+    """(SMEM segment tables or None, input refs, (q ids, kv ids) refs or Nones, the rest)."""
     n_seg = 4 if cols.segments else 0
-    seg_tabs = refs[:n_seg] or None
-    refs = refs[n_seg:]
-    if backward:
-        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs
-    else:
-        q_ref, k_ref, v_ref, *refs = refs
-    qseg_ref, kseg_ref = (refs[0], refs[1]) if cols.segments else (None, None)
-    refs = refs[2:] if cols.segments else refs
-    b, i, it = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    lo = lo_ref[i]
-    count = geo.n_mem + hi_ref[i] - lo
-    j = _clamped(it, lo, count, geo.n_mem, geo.nk)  # the block the pipeline fetched
-    offs = (offs_ref[0], offs_ref[1])
+    seg_tabs, refs = refs[:n_seg] or None, refs[n_seg:]
+    inputs, refs = refs[:n_inputs], refs[n_inputs:]
+    if cols.segments:
+        return seg_tabs, inputs, (refs[0], refs[1]), refs[2:]
+    return seg_tabs, inputs, (None, None), refs
 
-    def visit_ok():
-        return _stacked_ok(cols, geo.s, offs, i, j, geo,
+
+class _KvStep:
+    """Where a forward/dq grid step stands: query block i, step it, key block j, whether to run."""
+
+    def __init__(self, lo_ref, hi_ref, offs_ref, seg_tabs, seg_refs, cols, geo: _Geometry):
+        b, self.i, self.it = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+        lo = lo_ref[self.i]
+        count = geo.n_mem + hi_ref[self.i] - lo
+        self.j = _clamped(self.it, lo, count, geo.n_mem, geo.nk)  # the block the pipeline fetched
+        self.live = (self.it < count) & _live(seg_tabs, b, self.i, self.j, geo)
+        self.last = self.it == pl.num_programs(3) - 1
+        self._args = (cols, offs_ref, seg_refs, geo)
+
+    def ok(self):
+        cols, offs_ref, (qseg_ref, kseg_ref), geo = self._args
+        return _stacked_ok(cols, geo.s, (offs_ref[0], offs_ref[1]), self.i, self.j, geo,
                            None if qseg_ref is None else qseg_ref[...],
                            None if kseg_ref is None else kseg_ref[...])
 
-    q = q_ref[...].reshape(geo.rows, geo.h)
-    if backward:
-        dq_ref, dq_acc = refs
 
-        @pl.when(it == 0)
-        def _():
-            dq_acc[...] = jnp.zeros_like(dq_acc)
+def _forward_kernel(lo_ref, hi_ref, offs_ref, *refs, cols, scale, geo: _Geometry):
+    seg_tabs, (q_ref, k_ref, v_ref), seg_refs, rest = _unpack(refs, cols, 3)
+    o_ref, lse_ref, m_sc, l_sc, acc_sc = rest
+    step = _KvStep(lo_ref, hi_ref, offs_ref, seg_tabs, seg_refs, cols, geo)
 
-        @pl.when((it < count) & _live(seg_tabs, b, i, j, geo))
-        def _():
-            k, v = k_ref[...], v_ref[...]
-            lse = lse_ref[...].reshape(geo.rows, 1)
-            delta = delta_ref[...].reshape(geo.rows, 1)
-            do = do_ref[...].reshape(geo.rows, geo.h)
-            _, ds = probs_and_dscores(_dot_nt(q, k) * scale, visit_ok(), lse, _dot_nt(do, v), delta)
-            dq_acc[...] += _dot(ds.astype(k.dtype), k)
-
-        @pl.when(it == pl.num_programs(3) - 1)
-        def _():
-            dq_ref[...] = (dq_acc[...] * scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
-        return
-
-    o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-
-    @pl.when(it == 0)
+    @pl.when(step.it == 0)
     def _():
         m_sc[...] = jnp.full_like(m_sc, NEG_INF)
         l_sc[...] = jnp.zeros_like(l_sc)
         acc_sc[...] = jnp.zeros_like(acc_sc)
 
-    @pl.when((it < count) & _live(seg_tabs, b, i, j, geo))
+    @pl.when(step.live)
     def _():
+        q = q_ref[...].reshape(geo.rows, geo.h)
         k, v = k_ref[...], v_ref[...]
         m, l, acc = softmax_step(m_sc[...], l_sc[...], acc_sc[...], _dot_nt(q, k) * scale,
-                                 visit_ok(), lambda p: _dot(p.astype(v.dtype), v))
+                                 step.ok(), lambda p: _dot(p.astype(v.dtype), v))
         m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
 
-    @pl.when(it == pl.num_programs(3) - 1)
+    @pl.when(step.last)
     def _():
         out, lse = softmax_finish(m_sc[...], l_sc[...], acc_sc[...])
         o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
         lse_ref[...] = lse.reshape(lse_ref.shape)
 
 
+def _dq_kernel(lo_ref, hi_ref, offs_ref, *refs, cols, scale, geo: _Geometry):
+    seg_tabs, ins, seg_refs, (dq_ref, dq_acc) = _unpack(refs, cols, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    step = _KvStep(lo_ref, hi_ref, offs_ref, seg_tabs, seg_refs, cols, geo)
+
+    @pl.when(step.it == 0)
+    def _():
+        dq_acc[...] = jnp.zeros_like(dq_acc)
+
+    @pl.when(step.live)
+    def _():
+        q = q_ref[...].reshape(geo.rows, geo.h)
+        do = do_ref[...].reshape(geo.rows, geo.h)
+        k, v = k_ref[...], v_ref[...]
+        lse = lse_ref[...].reshape(geo.rows, 1)
+        delta = delta_ref[...].reshape(geo.rows, 1)
+        _, ds = probs_and_dscores(_dot_nt(q, k) * scale, step.ok(), lse, _dot_nt(do, v), delta)
+        dq_acc[...] += _dot(ds.astype(k.dtype), k)
+
+    @pl.when(step.last)
+    def _():
+        dq_ref[...] = (dq_acc[...] * scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
+
+
 def _kv_step_call(static: Static, geo: _Geometry, tab: Tables, aux: Aux, inputs, backward: bool):
-    """pallas_call of `_kv_step_kernel`: grid (B, K, nq, nk)."""
+    """pallas_call of `_forward_kernel` or `_dq_kernel`: grid (B, K, nq, nk)."""
     n_pref = 3 + (4 if static.cols.segments else 0)
 
     def kv_map(b, h, i, it, lo, hi, *_):
@@ -226,8 +239,8 @@ def _kv_step_call(static: Static, geo: _Geometry, tab: Tables, aux: Aux, inputs,
         scratch = [pltpu.VMEM((geo.rows, 1), F32), pltpu.VMEM((geo.rows, 1), F32),
                    pltpu.VMEM((geo.rows, geo.h), F32)]
         name = "jaxllama_flash_fwd_tpu"
-    kernel = functools.partial(_kv_step_kernel, cols=static.cols, scale=static.scale, geo=geo,
-                               backward=backward)
+    kernel = functools.partial(_dq_kernel if backward else _forward_kernel, cols=static.cols,
+                               scale=static.scale, geo=geo)
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -244,11 +257,9 @@ def _kv_step_call(static: Static, geo: _Geometry, tab: Tables, aux: Aux, inputs,
 
 
 def _dkv_kernel(lo_ref, hi_ref, offs_ref, *refs, cols, scale, geo: _Geometry):
-    n_seg = 4 if cols.segments else 0
-    seg_tabs = refs[:n_seg] or None
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs = refs[n_seg:]
-    qseg_ref, kseg_ref = (refs[0], refs[1]) if cols.segments else (None, None)
-    dk_ref, dv_ref, dk_acc, dv_acc = refs[2:] if cols.segments else refs
+    seg_tabs, ins, (qseg_ref, kseg_ref), rest = _unpack(refs, cols, 6)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = ins
+    dk_ref, dv_ref, dk_acc, dv_acc = rest
     b, j, it = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     lo, hi = lo_ref[j], hi_ref[j]
     i = _clamped(it, lo, hi - lo, 0, geo.nq)
