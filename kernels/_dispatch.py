@@ -1,8 +1,8 @@
 """Implementation names, `resolve()`, and the check that a kernel really ran.
 
-Names: `xla` (the pure-jnp reference, any platform), `pallas_interpret` (the GPU kernel body run by the
-Pallas interpreter, any platform), `pallas_gpu`, `pallas_tpu`, and `auto` (picks by platform and logs
-its choice once). A named implementation never falls back: `resolve` raises when it cannot run.
+Names: `xla` (the pure-jnp reference, any platform), `pallas_interpret` (the GPU kernel body run by
+the Pallas interpreter, any platform), `pallas_gpu`, `pallas_tpu`, and `auto` (picks by platform and
+logs its choice once). A named implementation never falls back: `resolve` raises when it cannot run.
 
 `emulate_tpu()` makes `pallas_tpu` runnable on a machine without a TPU by running the Mosaic TPU
 kernels under `pltpu.InterpretParams()`: an explicit opt-in for tests (the same kernel bodies, the
@@ -72,7 +72,8 @@ def resolve(name: str, op: str = "attention") -> str:
     if name == "pallas_tpu" and plat != "tpu" and not getattr(_state, "emulate_tpu", False):
         raise UnavailableImplementation(
             f"{op} implementation 'pallas_tpu' needs a TPU, but JAX runs on {plat!r} "
-            "(wrap the call in jaxllama.kernels._dispatch.emulate_tpu() to interpret it, or use 'xla')")
+            "(wrap the call in jaxllama.kernels._dispatch.emulate_tpu() to interpret it, "
+            "or use 'xla')")
     return name
 
 

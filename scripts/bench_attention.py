@@ -1,12 +1,13 @@
-"""Attention kernel benchmark: this project's `attend` against jax.nn.dot_product_attention (cuDNN and
-XLA) and tokamax (when installed), forward and forward+backward, causal / sliding-window / lambda.
+"""Attention kernel benchmark: this project's `attend` against jax.nn.dot_product_attention (cuDNN
+and XLA) and tokamax (when installed), forward and forward+backward, causal / sliding-window /
+lambda.
 
 Throughput counts only unmasked work: 4 * H flops per visible (query, key) pair per head forward
 (QK^T and PV), and 2.5x that backward (the FlashAttention convention), so a window or lambda mask is
 not credited for the blocks it skips.
 
-  python scripts/bench_attention.py                 # GPU: T = 4K, 16K, 64K, bf16, H 128, 32 q / 8 kv
-  python scripts/bench_attention.py --seq 1024 2048  # CPU default sizes are reduced (see --help)
+  python scripts/bench_attention.py              # GPU: T 4K, 16K, 64K, bf16, H 128, 32 q / 8 kv
+  python scripts/bench_attention.py --seq 1024    # CPU default sizes are reduced (see --help)
 
 On CPU the peers are the blockwise reference (`xla`, what the model runs there) and XLA's dense
 dot_product_attention; the table adds each compiled program's peak temporary memory (XLA buffer
@@ -109,7 +110,8 @@ def default_peers(platform: str) -> list[str]:
 def parse_args(argv):
     gpu = jax.default_backend() == "gpu"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq", type=int, nargs="+", default=[4096, 16384, 65536] if gpu else [1024, 2048])
+    p.add_argument("--seq", type=int, nargs="+",
+                   default=[4096, 16384, 65536] if gpu else [1024, 2048])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8] if gpu else [8, 2],
                    metavar=("N", "K"))
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
     print(f"# {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
           f"B={b} N={n} K={kh} H={h} {dt.name}, window={args.window} sinks={args.sinks}")
     head = (f"{'mask':7} {'T':>6} {'implementation':16} {'fwd ms':>9} {'TFLOP/s':>8} "
-            f"{'f+b ms':>9} {'TFLOP/s':>8} {'fwd tmp MiB':>11} {'f+b tmp MiB':>11} {'ours/peer':>9}")
+            f"{'f+b ms':>9} {'TFLOP/s':>8} {'fwd tmp MiB':>11} {'f+b tmp MiB':>11} "
+            f"{'ours/peer':>9}")
     print(head)
     rng = np.random.default_rng(0)
     for t in args.seq:
@@ -157,7 +160,8 @@ def main(argv=None) -> int:
                     continue
                 if impl.startswith("ours"):
                     ours_time = (tf, tb)
-                ratio = "" if ours_time is None else f"{ours_time[0] / tf:.2f}/{ours_time[1] / tb:.2f}"
+                ratio = ("" if ours_time is None
+                         else f"{ours_time[0] / tf:.2f}/{ours_time[1] / tb:.2f}")
                 mib = lambda x: f"{x / 2**20:11.1f}" if x is not None else f"{'n/a':>11}"
                 print(f"{kind:7} {t:>6} {impl:16} {tf * 1e3:9.2f} {fwd_flops / tf / 1e12:8.3f} "
                       f"{tb * 1e3:9.2f} {3.5 * fwd_flops / tb / 1e12:8.3f} {mib(mf)} {mib(mb)} "

@@ -17,7 +17,7 @@ from jaxllama.kernels.flash_attention.reference import Aux, Static, merge_partia
 
 
 def _implementation(name: str):
-    """The `fn(static, q, k, v, aux) -> (out, lse)` of a concrete implementation, with its options."""
+    """`fn(static, q, k, v, aux) -> (out, lse)` of a concrete implementation, and its options."""
     if name == "xla":
         return reference.attend_blockwise, ()
     if name == "pallas_interpret":
@@ -42,7 +42,8 @@ def _check(q, k, v, mask: Mask, sink: SinkInputs | None):
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
         raise ValueError(f"attend: k {k.shape} and v {v.shape} do not match q {q.shape}")
     if q.shape[1] == 0 or k.shape[1] == 0:
-        raise ValueError(f"attend: needs at least one query and one key, got q {q.shape}, k {k.shape}")
+        raise ValueError(f"attend: needs at least one query and one key, got q {q.shape}, "
+                         f"k {k.shape}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"attend: {q.shape[2]} query heads are not a multiple of {k.shape[2]} "
                          "key/value heads")

@@ -1,10 +1,11 @@
 """Block sizes per implementation, chosen from the static shapes of a call.
 
 The reference (the `xla` implementation, what the model runs on CPU) trades loop overhead against
-memory: each step holds [B, N, block_q, block_k] float32 scores. A decode step (few queries) takes the
-key axis in big blocks so it costs what a dense softmax costs, while causal blocks past the written
-cache length are still skipped. The Pallas sizes follow the hardware: Triton blocks are powers of two
-of at least 16 (its `tl.dot` minimum); Mosaic TPU blocks are multiples of the (8, 128) vreg tile.
+memory: each step holds [B, N, block_q, block_k] float32 scores. A decode step (few queries) takes
+the key axis in big blocks so it costs what a dense softmax costs, while causal blocks past the
+written cache length are still skipped. The Pallas sizes follow the hardware: Triton blocks are
+powers of two of at least 16 (its `tl.dot` minimum); Mosaic TPU blocks are multiples of the (8, 128)
+vreg tile.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 # Scores held per reference step, in elements per (batch, query head): 256 x 256 float32 = 256 KiB,
-# so a step's [B N 256 256] tile stays in cache; on a 2-core CPU 256 x 256 ran a causal T=2048 prefill
-# (9 heads, head dim 64) about 1.5x faster forward and 1.9x faster forward+backward than 512 x 512.
+# so a step's [B N 256 256] tile stays in cache; on a 2-core CPU 256 x 256 ran a causal T=2048
+# prefill (9 heads, head dim 64) about 1.5x faster forward and 1.9x faster forward+backward than
+# 512 x 512.
 REFERENCE_STEP_ELEMENTS = 256 * 256
 REFERENCE_MAX_BLOCK_Q = 256
 
@@ -70,6 +72,6 @@ class TpuBlocks(NamedTuple):
 
 
 def tpu_blocks(t: int, s: int) -> TpuBlocks:
-    """Query blocks of up to 512 rows (a multiple of 16: whole bfloat16 sublane tiles), key blocks of up to 512 columns (a multiple
-    of 128, the lane width)."""
+    """Query blocks of up to 512 rows (a multiple of 16: whole bfloat16 sublane tiles), key blocks
+    of up to 512 columns (a multiple of 128, the lane width)."""
     return TpuBlocks(_balanced(t, 512, 16), _balanced(s, 512, 128))

@@ -187,8 +187,9 @@ def segment_ranges(ids, block: int):
 
 
 class Tables(NamedTuple):
-    """What a kernel reads to skip blocks: key-block ranges per query block (forward, dq), query-block
-    ranges per key block (dk/dv), offsets [2] int32, and per-block segment ranges (or None)."""
+    """What a kernel reads to skip blocks: key-block ranges per query block (forward, dq),
+    query-block ranges per key block (dk/dv), offsets [2] int32, per-block segment ranges (or
+    None)."""
 
     kv_lo: jax.Array  # [nq]
     kv_hi: jax.Array  # [nq]

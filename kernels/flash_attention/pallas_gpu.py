@@ -6,9 +6,9 @@ defaults `pallas_call` on GPU to Mosaic GPU). Why not Mosaic GPU, which the NVID
 `interpret=True` (`pallas_interpret`, what CI tests). A Mosaic GPU Hopper kernel is written with
 warpgroup primitives (wgmma on shared-memory refs, TMA copies, mbarriers) that the generic
 interpreter cannot run, and Mosaic GPU no longer accepts `pallas_call` bodies of plain jnp (it is
-deprecated in favour of `plgpu.kernel`); JAX 0.10.2's separate GPU interpreter fails even on JAX's own
-Mosaic GPU attention example (`NotImplementedError: run_state`, checked here). The Triton backend
-lowers exactly the portable body below (jnp on blocks loaded from refs, `lax.dot_general`,
+deprecated in favour of `plgpu.kernel`); JAX 0.10.2's separate GPU interpreter fails even on JAX's
+own Mosaic GPU attention example (`NotImplementedError: run_state`, checked here). The Triton
+backend lowers exactly the portable body below (jnp on blocks loaded from refs, `lax.dot_general`,
 `fori_loop`, `cond`), so CPU tests exercise the code that runs on the GPU. It still ships in 0.11
 (deprecated, with a warning). The cost: Triton-generated Hopper attention sits well below the
 wgmma/TMA warp-specialized kernels (cuDNN, tokamax); reaching the issue's 640 TFLOP/s needs a

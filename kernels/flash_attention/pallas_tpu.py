@@ -1,7 +1,7 @@
 """Flash attention for TPUs in Pallas (Mosaic TPU), forward and backward.
 
-Tested on CPU by running these kernels under `pltpu.InterpretParams()` (see `_dispatch.emulate_tpu`);
-not run on a TPU yet (none in the writing session).
+Tested on CPU by running these kernels under `pltpu.InterpretParams()` (see
+`_dispatch.emulate_tpu`); not run on a TPU yet (none in the writing session).
 
 Grid design (the TPU way: the pipeline emitter double-buffers blocks named by index maps):
   - forward and dq: grid (batch, kv head, query block, step). The G query heads of a kv head are
@@ -107,7 +107,8 @@ def _live(seg_tabs, b, i, j, geo: _Geometry):
     if seg_tabs is None:
         return True
     qmin, qmax, kmin, kmax = seg_tabs
-    return (qmin[b * geo.nq + i] <= kmax[b * geo.nk + j]) & (kmin[b * geo.nk + j] <= qmax[b * geo.nq + i])
+    qi, kj = b * geo.nq + i, b * geo.nk + j
+    return (qmin[qi] <= kmax[kj]) & (kmin[kj] <= qmax[qi])
 
 
 def _prefetch(tab: Tables):
@@ -303,8 +304,8 @@ def _dkv_call(static: Static, geo: _Geometry, tab: Tables, aux: Aux, inputs):
     if static.cols.segments:
         seg_in = [_pad(aux.q_segment_ids, {1: geo.tp})[..., None],
                   _pad(aux.kv_segment_ids, {1: geo.sp})[:, None, :]]
-        in_specs += [pl.BlockSpec((None, geo.bq, 1),
-                                  lambda b, h, j, it, lo, hi, *_: (b, q_map(b, h, j, it, lo, hi)[3], 0)),
+        qseg_map = lambda b, h, j, it, lo, hi, *_: (b, q_map(b, h, j, it, lo, hi)[3], 0)
+        in_specs += [pl.BlockSpec((None, geo.bq, 1), qseg_map),
                      pl.BlockSpec((None, 1, geo.bk), lambda b, h, j, *_: (b, 0, j))]
     kernel = functools.partial(_dkv_kernel, cols=static.cols, scale=static.scale, geo=geo)
     shape = jax.ShapeDtypeStruct((geo.b, geo.kh, geo.sp, geo.h), inputs[1].dtype)

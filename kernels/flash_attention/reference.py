@@ -7,10 +7,11 @@ log-sum-exp lse [B N T] (float32); a row that sees no column has lse -inf and ou
 Two functions:
   - `attend_naive`: one dense [T, S] softmax, differentiated by JAX. Small shapes only; it is what
     the blockwise version is tested against.
-  - `attend_blockwise`: the online-softmax (flash) formulation over key blocks, forward and backward
-    (custom_vjp), holding O(block_q x block_k) scores per step. It visits only the key blocks a query
-    block can see (causal, window, memory prefix; offsets may be traced), for one column set
-    (`mask.Columns`). `api.attend` merges the ordinary and sink sets with `merge_partials`.
+  - `attend_blockwise`: the online-softmax (flash) formulation over key blocks, forward and
+    backward (custom_vjp), holding O(block_q x block_k) scores per step. It visits only the key
+    blocks a query block can see (causal, window, memory prefix; offsets may be traced), for one
+    column set (`mask.Columns`). `api.attend` merges the ordinary and sink sets with
+    `merge_partials`.
 
 The per-block math (`softmax_step`, `probs_and_dscores`) and the custom_vjp plumbing
 (`flash_attention_fn`) are shared with the Pallas kernels, so all implementations run one algorithm.
