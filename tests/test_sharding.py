@@ -13,14 +13,15 @@ from jaxllama.sharding import (
     logical_to_mesh_spec,
     make_mesh,
     param_shardings,
+    use_mesh,
 )
 from jaxllama.training.optimizer import lr_schedule, make_optimizer
 from jaxllama.training.step import (
     abstract_params,
-    compile_train_step,
     init_state,
     loss_and_grads,
     state_shardings,
+    train_step,
 )
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, layer_pattern=("dense",) * 2,
@@ -86,46 +87,42 @@ def test_optimizer_state_follows_params():
     assert sh.opt_state[1][0].count.spec == P()
 
 
-def _grads(mesh, batch, **kw):
+def _grads_and_update(mesh, batch, **kw):
+    """Loss, gradients and the updated state of one train step, jitted with the rules' shardings
+    (one program: XLA shares the forward/backward between the two results)."""
     model = Transformer(CFG)
-    tx = make_optimizer(lr_schedule(1e-3, 10, 0))
-    state = init_state(model, tx, mesh, jax.random.key(0))
-    sh = state_shardings(model, tx, mesh)
-    fn = jax.jit(lambda p, b: loss_and_grads(p, model, b, **kw), in_shardings=(sh.params, None))
-    return jax.device_get(fn(state.params, batch))
-
-
-def test_sharded_loss_and_grads_equal_single_device():
-    batch = random_batch(np.random.default_rng(0), 4, 32)
-    loss0, n0, g0 = _grads(make_mesh({}, jax.devices()[:1]), batch)
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2, "seq": 1})
-    # chunked loss and 2-way gradient accumulation on the sharded side
-    loss1, n1, g1 = _grads(mesh, batch, loss_chunk=8, grad_accum=2)
-    assert n0 == n1 == batch["weights"].sum()
-    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-
-
-def test_sharded_train_step_updates_like_single_device():
-    batch = random_batch(np.random.default_rng(1), 4, 16)
     # eps=1 keeps Adam's first update a smooth function of the gradient; with a tiny eps it is
     # lr * sign(g), which turns 1e-7 gradient rounding near g = 0 into lr-sized differences
     tx = make_optimizer(lr_schedule(1e-2, 10, 0), eps=1.0)
-    out = []
-    for mesh in (make_mesh({}, jax.devices()[:1]), make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
-        model = Transformer(CFG)
-        state = init_state(model, tx, mesh, jax.random.key(0))
-        step = compile_train_step(model, tx, mesh)
-        state, m = step(state, batch)
-        assert int(state.step) == 1
-        q = state.params["run_0"]["block"]["mixer"]["q_proj"]["kernel"]
-        out.append((float(m["loss"]), jax.device_get(state.params), q.sharding.spec))
-    assert out[1][2] == P(None, "fsdp", "tensor", None)
-    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[0][1])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    fresh = init_state(Transformer(CFG), tx, make_mesh({}, jax.devices()[:1]), jax.random.key(0))
-    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(out[0][1]),
-                                                  jax.tree.leaves(jax.device_get(fresh.params)))]
+    state = init_state(model, tx, mesh, jax.random.key(0))
+    sh = state_shardings(model, tx, mesh)
+
+    def both(state, b):
+        loss, count, grads = loss_and_grads(state.params, model, b, **kw)
+        new_state, metrics = train_step(state, b, model=model, tx=tx, **kw)
+        return loss, count, grads, new_state, metrics["loss"]
+
+    fn = jax.jit(both, in_shardings=(sh, None), out_shardings=(None, None, None, sh, None))
+    with use_mesh(mesh):
+        loss, count, grads, new_state, step_loss = fn(state, batch)
+    spec = new_state.params["run_0"]["block"]["mixer"]["q_proj"]["kernel"].sharding.spec
+    return jax.device_get((loss, count, grads, new_state.params, step_loss, state.params)), spec
+
+
+def test_sharded_train_step_equals_single_device():
+    """(data, fsdp, tensor) = (2, 2, 2) mesh, chunked loss and 2-way gradient accumulation on the
+    sharded side: loss, gradients and the AdamW update equal the single-device step."""
+    batch = random_batch(np.random.default_rng(0), 8, 32)
+    (l0, n0, g0, p0, _, _), _ = _grads_and_update(make_mesh({}, jax.devices()[:1]), batch)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2, "seq": 1})
+    (l1, n1, g1, p1, s1, init1), spec = _grads_and_update(mesh, batch, loss_chunk=8, grad_accum=2)
+    assert spec == P(None, "fsdp", "tensor", None)
+    assert n0 == n1 == batch["weights"].sum()
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    np.testing.assert_allclose(s1, l1, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p0)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(init1))]
     assert min(moved) > 0  # the step really updated every parameter

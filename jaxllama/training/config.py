@@ -124,6 +124,8 @@ class CheckpointConfig:
     resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
     export_hf: str | None = None  # write the final model as an HF directory here
     export_orbax: str | None = None  # ... and/or as a jaxllama orbax directory (load_checkpoint)
+    # simulated preemption (tests, drills): the run sends itself SIGTERM right after this step
+    preempt_at_step: int = 0
 
 
 @dataclass(frozen=True)

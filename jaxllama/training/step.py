@@ -25,6 +25,7 @@ from flax import struct
 from jaxllama.model import Transformer
 from jaxllama.sharding import (
     batch_sharding,
+    mesh_axis_size,
     opt_state_shardings,
     param_shardings,
     replicated,
@@ -57,6 +58,14 @@ def loss_and_grads(params, model: Transformer, batch: dict, loss_chunk: int = 0,
     if grad_accum == 1:
         (total, count), grads = grad_fn(params, batch)
     else:
+        ways = mesh_axis_size("data") * mesh_axis_size("fsdp")
+        rows = batch["inputs"].shape[0]
+        if rows % (grad_accum * ways):
+            # an unevenly sharded micro-batch is padded by XLA, and the padding rows' embedding
+            # gradients land in row 0 of the table: refuse instead of training on garbage
+            raise ValueError(f"batch {rows} is not divisible by grad_accum {grad_accum} x "
+                             f"data x fsdp {ways}")
+
         def micro(a):  # [B ..] -> [A B/A ..]: micro-batch j = rows j, j + A, ...
             return jnp.swapaxes(a.reshape((a.shape[0] // grad_accum, grad_accum) + a.shape[1:]),
                                 0, 1)

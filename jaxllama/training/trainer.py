@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -247,6 +248,8 @@ def _loop(cfg, bundle, state, step, step_fn, loader, ckpt, metrics, stop, schedu
         if ckpt is not None:
             ckpt.save(step, state, loader.get_state(),
                       {"loss": loss, "model": to_dict(bundle.config)})
+        if step == cfg.checkpoint.preempt_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal path, at a known step
     return state, {"step": step, "loss": losses.get(step), "losses": losses, "stopped": stopped}
 
 
