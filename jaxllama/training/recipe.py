@@ -180,7 +180,13 @@ def validate_train_config(cfg: TrainConfig, devices: int = 0, name: str = "") ->
     devices = devices or jax.device_count()
     cp = cfg.model.get("kernels", {}).get("context_parallel", "none")
     sizes = check_against_devices(cfg, devices, 1, cp)
-    model_cfg = resolve_model_config(cfg)
+    ckpt = cfg.init.checkpoint
+    if ckpt and not cfg.model_preset and (ckpt == "embedded" or Path(ckpt).exists()):
+        from jaxllama.training.trainer import load_model
+
+        model_cfg = load_model(cfg).config  # the checkpoint's config plus the `model` overrides
+    else:
+        model_cfg = resolve_model_config(cfg)
     model = Transformer(model_cfg)
     t = cfg.train
     tx = make_optimizer(lr_schedule(t.lr, t.steps, t.warmup_steps, t.schedule, t.min_lr_ratio),
@@ -201,10 +207,17 @@ def validate_train_config(cfg: TrainConfig, devices: int = 0, name: str = "") ->
         raise ConfigError(f"{cfg.source}: the train step changes the state structure")
     n_params = sum(x.size for x in jax.tree.leaves(shapes.params))
     gib = _bytes_per_device(state) / 2 ** 30
+    tokens = t.steps * t.batch_size * t.seq_len
     return (f"{name or cfg.source}: seq {t.seq_len}, theta {model_cfg.attention.rope.theta:.0f}, "
-            f"{t.steps} steps x {t.batch_size} seqs = {t.steps * t.batch_size * t.seq_len / 1e6:.1f}M"
-            f" tokens, lr {t.lr:g}, mesh {sizes}, {n_params / 1e9:.2f}B params, "
-            f"state {gib:.1f} GiB/device: ok")
+            f"{t.steps} steps x {t.batch_size} seqs = {_count(tokens)} tokens, lr {t.lr:g}, "
+            f"mesh {sizes}, {_count(n_params, 2)} params, state {gib:.3g} GiB/device: ok")
+
+
+def _count(n: float, digits: int = 1) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.{digits}f}{unit}"
+    return str(int(n))
 
 
 def validate_recipe(recipe: RecipeConfig) -> list[str]:
