@@ -267,11 +267,11 @@ def jit_init(cfg, seed):
 
 
 def test_hybrid_model_decode_matches_full_forward():
-    cfg = model_cfg(("lambda", "dense", "lambda", "lambda"))
+    cfg = model_cfg(("lambda", "dense", "lambda"))
     assert [k for k, _ in cfg.runs] == ["lambda", "dense", "lambda"]
     params = jax.tree.map(lambda a: a * 5.0, jit_init(cfg, 0))
     model = Transformer(cfg)
-    t = 27
+    t = 22  # > 4 x L
     tokens = jax.random.randint(jax.random.key(1), (2, t), 0, 64)
     step = jax.jit(model.apply)
     full, _ = step({"params": params}, tokens)
