@@ -6,9 +6,11 @@
 One prompt streams its answer token by token to stdout; several run as one padded batch and print
 when done. `--json` prints one JSON object per prompt instead. Statistics go to stderr.
 
-`--dtype` is the weight dtype and the prefill compute dtype. On CPU the decode loop always computes
-in float32 (XLA:CPU's bfloat16 matrix-vector products are about 25x slower than float32 ones), so
-`--dtype bfloat16` means bfloat16 weights and prefill with a float32 copy of the weights for decode.
+`--dtype` is the weight dtype, and the compute dtype on accelerators. On CPU both phases compute in
+float32 (XLA:CPU's bfloat16 matrix-vector products are about 25x slower than float32 ones, and
+without bfloat16 matrix units its bfloat16 matrix products run in float32 anyway): `--dtype
+bfloat16` then means bfloat16 stored weights (half the memory) and a float32 copy for decoding.
+See `jaxllama.inference.engine` for the per-phase choices.
 
 Bad input (a flag value, an unreadable checkpoint, a prompt longer than the context) exits with a
 one-line error on stderr: status 2 for flags, 1 otherwise.
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="HF directory, .gguf file or orbax directory (default: embedded SmolLM2)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="weight and prefill dtype; CPU decode runs in float32")
+                   help="weight dtype (CPU computes in float32)")
     p.add_argument("--max-new-tokens", type=_number(int, 1, name="max-new-tokens"), default=256)
     p.add_argument("--max-len", type=_number(int, 2, name="max-len"), default=None,
                    help="cap on prompt + generated tokens (default: the model's context)")

@@ -15,12 +15,15 @@ id), and stop when every row is done or `max_new_tokens` is reached. Streaming u
 sampled, the loop stays one dispatch, and the callback costs well under a millisecond per step
 (a ~15 ms step here); without a listener the callback is not compiled in at all.
 
-Precision per phase. Prefill is compute bound (large matmuls): it runs in `prefill_dtype`
-(default: the parameter dtype). Decode is bound by reading the weights once per token with
-matrix-vector products, which XLA:CPU runs about 25x slower in bfloat16 than in float32, so on CPU
-the decode weights are kept in float32 (`decode_dtype`, default float32 on CPU, the parameter dtype
-elsewhere). The KV cache is float32 by default: prefill in bfloat16 writes an f32 cache that the
-f32 decode reads without conversions.
+Precision per phase (`prefill_dtype`, `decode_dtype`; the KV cache is float32 by default, so a
+bfloat16 prefill writes a cache that a float32 decode reads without conversions). On accelerators
+both phases default to the parameter dtype. On CPU both default to float32, whatever the parameter
+dtype: decode is bound by reading the weights once per token with matrix-vector products, which
+XLA:CPU runs about 25x slower in bfloat16 than in float32, so the decode weights are kept as a
+float32 copy; and on CPUs without bfloat16 matrix units (AVX2 only, as measured here) XLA:CPU
+upcasts bfloat16 matrix products to float32 anyway, so a bfloat16 prefill only adds conversions.
+bfloat16 parameters then still halve the memory of the stored (prefill) weights. A CPU with
+bfloat16 units can ask for `prefill_dtype="bfloat16"`.
 """
 
 from __future__ import annotations
@@ -100,8 +103,9 @@ class Engine:
         on_cpu = jax.default_backend() == "cpu"
         self.cfg = cfg
         self.params = params
-        self.prefill_cfg = cfg.replace(dtype=prefill_dtype or cfg.param_dtype)
-        self.decode_cfg = cfg.replace(dtype=decode_dtype or ("float32" if on_cpu else cfg.dtype))
+        default = "float32" if on_cpu else cfg.param_dtype
+        self.prefill_cfg = cfg.replace(dtype=prefill_dtype or default)
+        self.decode_cfg = cfg.replace(dtype=decode_dtype or default)
         self.cache_dtype = dtype_of(cache_dtype)
         self.unrolled = unrolled
         self.prefill_chunk = prefill_chunk

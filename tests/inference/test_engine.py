@@ -158,6 +158,8 @@ def test_sampling_reproducible_with_seed(model, engine):
 def test_bfloat16_prefill_float32_decode(model):
     cfg, params = model
     prompt = np.random.RandomState(4).randint(0, V, 9).tolist()
+    default = Engine(cfg.replace(param_dtype="bfloat16"), params)  # CPU: float32 in both phases
+    assert default.prefill_cfg.dtype == default.decode_cfg.dtype == "float32"
     bf = Engine(cfg, params, prefill_dtype="bfloat16")
     assert bf.prefill_cfg.dtype == "bfloat16" and bf.decode_cfg.dtype == "float32"
     out = bf.generate([prompt], max_new_tokens=5)
