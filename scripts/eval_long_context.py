@@ -113,8 +113,8 @@ def perplexity(runner: Runner, ids: np.ndarray, lengths: list[int], bin_size: in
     cache = runner.new_cache(len(ids))
     nll, _, _ = runner.run(ids, 0, cache)
     out = {f"ppl@{n}": float(np.exp(nll[:n - 1].mean())) for n in lengths}
-    bins = nll[: len(nll) // bin_size * bin_size].reshape(-1, bin_size).mean(1)
-    out["bin_ppl"] = np.exp(bins).tolist()
+    bins = [nll[a:a + bin_size].mean() for a in range(0, len(nll), bin_size)]
+    out["bin_ppl"] = np.exp(bins).tolist()  # bin k: predictions of tokens k*bin+1 .. (k+1)*bin
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -136,15 +136,19 @@ def passkey_prompt(tok, n_tokens: int, depth_tokens: int, key: int):
     return np.asarray(before, np.int32), np.asarray(needle + after + question, np.int32)
 
 
-def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed: int) -> dict:
-    """Accuracy per (length, depth) cell; `trials[length]` trials per cell (0 skips)."""
+def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed: int,
+            out: dict, save) -> dict:
+    """Accuracy per (length, depth) cell into `out` (cells already there are kept);
+    `trials[length]` trials per cell (0 skips); `save()` after every cell."""
     rng = np.random.default_rng(seed)
-    out = {}
     for n in lengths:
         k = trials.get(n, 0)
         for d in depths if k else ():
+            if f"{n}/{d}" in out:
+                continue
             t0 = time.perf_counter()
-            depth_tokens = round(d * n / align) * align  # shared prefix: whole align blocks
+            # shared prefix: whole align blocks, leaving room for the needle and the question
+            depth_tokens = min(round(d * n / align), (n - 64) // align) * align
             prefix, _ = passkey_prompt(tok, n, depth_tokens, 0)
             cache0 = runner.new_cache(n + 16)
             if len(prefix):
@@ -158,11 +162,30 @@ def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed
                 digits = "".join(ch if ch.isdigit() else " " for ch in answer).split()
                 hits.append(bool(digits) and digits[0] == str(key))
             out[f"{n}/{d}"] = {"length": n, "depth": d, "trials": k, "correct": int(sum(hits)),
+                               "peak_rss_gb": peak_rss_gb(),
                                    "seconds": time.perf_counter() - t0}
             print(f"  passkey length {n} depth {d}: {sum(hits)}/{k} ({time.perf_counter() - t0:.0f}"
                   f" s, {cpu_minutes():.0f} CPU-min so far, peak RSS {peak_rss_gb():.1f} GB)",
                   flush=True)
+            save()
     return out
+
+
+class Partial:
+    """Results kept in a JSON file across invocations (`--partial`): finished perplexity runs and
+    passkey cells are skipped when the script runs again, so a long evaluation can be split."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path) if path else None
+        self.data = {"perplexity": {}, "passkey": {}, "runs": []}
+        if self.path and self.path.exists():
+            self.data = json.loads(self.path.read_text())
+
+    def save(self) -> None:
+        if self.path:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            os.replace(tmp, self.path)
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -221,11 +244,12 @@ def markdown(meta: dict, ppl: dict, keys: dict, lengths, depths) -> str:
     if ppl:
         lines += [("Perplexity of the first N tokens (Python Language Reference, "
                   "`pydoc_data.topics`):"), "",
-                  "| model | " + " | ".join(f"{n // 1024}K" for n in lengths) + " |",
-                  "|---|" + "---:|" * len(lengths)]
+                  "| model | " + " | ".join(f"{n // 1024}K" for n in lengths)
+                  + " | seconds | peak RSS |",
+                  "|---|" + "---:|" * (len(lengths) + 2)]
         for name, r in ppl.items():
             lines.append(f"| {name} | " + " | ".join(f"{r[f'ppl@{n}']:.2f}" for n in lengths)
-                         + " |")
+                         + f" | {r['seconds']:.0f} | {r.get('peak_rss_gb', 0):.1f} GB |")
         lines.append("")
     if keys:
         lines += ["Passkey retrieval (correct/trials; needle depth as a fraction of the context):",
@@ -315,6 +339,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (tokens)")
     ap.add_argument("--bin", type=int, default=1024, help="perplexity plot bin (tokens)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--partial", default=None,
+                    help="JSON file of finished parts: updated as the run goes, skipped on rerun")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -335,26 +361,34 @@ def main(argv=None) -> int:
     text_ids = np.asarray(ck.tokenizer.encode(natural_text(), add_special_tokens=False), np.int32)
     if len(text_ids) < lengths[-1]:
         ap.error(f"the text has only {len(text_ids)} tokens, fewer than {lengths[-1]}")
-    ppl, keys = {}, {}
+    state = Partial(args.partial)
+    ppl, keys = state.data["perplexity"], state.data["passkey"]
     for name in dict.fromkeys(ppl_models + key_models):  # lambda first: its peak RSS is its own
         cfg, params, _ = models[name]
         runner = Runner(cfg, params, args.chunk)
-        if name in ppl_models:
+        if name in ppl_models and name not in ppl:
             ppl[name] = perplexity(runner, text_ids[:lengths[-1]], lengths, args.bin)
+            ppl[name]["peak_rss_gb"] = peak_rss_gb()
+            state.save()
             print(f"{name}: " + ", ".join(f"ppl@{n} {ppl[name][f'ppl@{n}']:.2f}" for n in lengths)
                   + f" ({ppl[name]['seconds']:.0f} s, {cpu_minutes():.0f} CPU-min so far, peak RSS"
                   f" {peak_rss_gb():.1f} GB)", flush=True)
         if name in key_models:
             trials = args.dense_trials if name == "dense" and args.dense_trials else args.trials
-            keys[name] = passkey(runner, ck.tokenizer, lengths, args.depths, trials, 256,
-                                 args.seed)
-        ppl.get(name, {})["peak_rss_gb_after"] = peak_rss_gb()
+            passkey(runner, ck.tokenizer, lengths, args.depths, trials, 256, args.seed,
+                    keys.setdefault(name, {}), state.save)
 
-    meta = {"command": "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:])),
+    command = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
+    state.data["runs"].append({"command": command, "cpu_minutes": cpu_minutes(),
+                               "seconds": time.perf_counter() - t_start,
+                               "date": time.strftime("%Y-%m-%d")})
+    state.save()
+    runs = state.data["runs"]
+    meta = {"command": " && ".join(r["command"] for r in runs),
                 "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} "
                         f"({jax.default_backend()}), float32",
-                "date": time.strftime("%Y-%m-%d"), "seconds": time.perf_counter() - t_start,
-                "cpu_minutes": cpu_minutes(), "peak_rss_gb": peak_rss_gb(),
+                "date": time.strftime("%Y-%m-%d"), "seconds": sum(r["seconds"] for r in runs),
+                "cpu_minutes": sum(r["cpu_minutes"] for r in runs), "peak_rss_gb": peak_rss_gb(),
                 "models": {k: v[2] for k, v in models.items() if k in ppl_models + key_models}}
     tmp = Path(tempfile.mkdtemp(prefix=".eval_long_context.", dir=out.parent if out.parent.exists()
                                 else None))
