@@ -8,12 +8,15 @@ real token, see `KVCache`); each row's positions start at 0 at its first real to
 row computes exactly what it computes alone. Prompts longer than `prefill_chunk` are prefilled
 chunk by chunk through the same compiled function (bounded attention memory).
 
-Decode loop. One `lax.while_loop` runs on device: forward one token per row, sample, write the
+Decode loop. A `lax.while_loop` runs on device: forward one token per row, sample, write the
 token into a preallocated [B, n] buffer, mark rows that produced an EOS id (they then emit the pad
-id), and stop when every row is done or `max_new_tokens` is reached. Streaming uses an ordered
-`io_callback` per step instead of chunked Python loops: the token reaches the host the moment it is
-sampled, the loop stays one dispatch, and the callback costs well under a millisecond per step
-(a ~15 ms step here); without a listener the callback is not compiled in at all.
+id), and stop when every row is done or the step bound is reached. The bound is a traced argument,
+so one compiled loop serves both uses: without streaming, one dispatch runs the whole generation;
+with streaming, each dispatch runs `stream_every` tokens (default 1) on the donated loop state and
+the host hands them out. Chosen over an `io_callback` inside the loop: executables holding host
+callbacks are not kept by JAX's persistent compilation cache, and the CLI's streamed run is its
+main use (a 30-layer unrolled loop takes tens of seconds to compile here); the extra cost is one
+dispatch per streamed token (well under a millisecond, against a 30-50 ms step on this CPU).
 
 Precision per phase (`prefill_dtype`, `decode_dtype`; the KV cache is float32 by default, so a
 bfloat16 prefill writes a cache that a float32 decode reads without conversions). On accelerators
@@ -32,11 +35,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
+from flax import struct
 
 from jaxllama.config import ModelConfig
 from jaxllama.inference.decode import DecodeWeights, decode_step, decode_weights, stacked_to_layers
@@ -94,12 +98,26 @@ class GenerationOutput:
         return max(self.steps - 1, 0) / max(self.decode_seconds, 1e-9)
 
 
+@struct.dataclass
+class DecodeState:
+    """What the decode loop carries: tokens written so far into `out` [B n] (step = next column),
+    the last token and next position per row, the caches, and which rows are done."""
+
+    step: jax.Array
+    tok: jax.Array  # [B]
+    positions: jax.Array  # [B]
+    caches: Any
+    done: jax.Array  # [B] bool
+    out: jax.Array  # [B n] int32
+
+
 class Engine:
     """Prefill + decode for one model and one set of parameters (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig, params, *, prefill_dtype: str | None = None,
                  decode_dtype: str | None = None, cache_dtype: str = "float32",
-                 unrolled: bool = True, prefill_chunk: int = 2048, min_bucket: int = 16):
+                 unrolled: bool = True, prefill_chunk: int = 2048, min_bucket: int = 16,
+                 stream_every: int = 1):
         on_cpu = jax.default_backend() == "cpu"
         self.cfg = cfg
         self.params = params
@@ -110,13 +128,14 @@ class Engine:
         self.unrolled = unrolled
         self.prefill_chunk = prefill_chunk
         self.min_bucket = min_bucket
+        self.stream_every = stream_every
         self._weights: DecodeWeights | None = None
         self._compiled: dict = {}
-        self._on_token: Callable | None = None
         self._prefill_fn = jax.jit(self._prefill, donate_argnums=(4,))
-        self._decode_fn = jax.jit(
-            self._decode,
-            static_argnames=("greedy", "top_k", "use_top_p", "stream", "out_len"))
+        sampling = ("greedy", "top_k", "use_top_p")
+        # no donation into `_first`: unrolled, its caches are re-laid out (new buffers anyway)
+        self._first_fn = jax.jit(self._first, static_argnames=(*sampling, "out_len"))
+        self._chunk_fn = jax.jit(self._chunk, donate_argnums=(1,), static_argnames=sampling)
         self._init_cache_fn = jax.jit(partial(init_cache, cfg, dtype=self.cache_dtype),
                                       static_argnums=(0, 1))
 
@@ -130,49 +149,56 @@ class Engine:
         logits = model.apply({"params": params}, h[:, -1:], method=Transformer.logits)
         return logits[:, 0], cache
 
-    def _decode(self, weights, cache, logits, positions, key, temperature, top_p, max_new, eos,
-                pad_id, *, greedy, top_k, use_top_p, stream, out_len):
-        """Sample from the prefill `logits` [B V], then loop one token per step on device.
-
-        positions [B]: position of each row's first generated token (its prompt length).
-        Returns (tokens [B out_len], steps run, done [B]).
-        """
-        cfg = self.decode_cfg
-        caches = stacked_to_layers(cfg, cache) if weights.stacked is None else cache
-        pick = partial(sample, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k,
-                       use_top_p=use_top_p)
-
-        def emit(step, tok, active):
-            if stream:
-                io_callback(self._emit, None, step, tok, active, ordered=True)
-
-        tok = pick(logits, jax.random.fold_in(key, 0))
-        done = jnp.isin(tok, eos)
+    def _first(self, cache, logits, positions, key, temperature, top_p, eos, pad_id, *,
+               greedy, top_k, use_top_p, out_len):
+        """Sample every row's first token from the prefill `logits` [B V] and set up the loop
+        state (per-layer caches when unrolled). positions [B]: each row's prompt length."""
+        cache = stacked_to_layers(self.decode_cfg, cache) if self.unrolled else cache
+        tok = sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy,
+                     top_k=top_k, use_top_p=use_top_p)
         out = jnp.full((tok.shape[0], out_len), pad_id, jnp.int32).at[:, 0].set(tok)
-        emit(0, tok, jnp.ones_like(done))
+        return DecodeState(step=jnp.ones((), jnp.int32), tok=tok, positions=positions,
+                           caches=cache, done=jnp.isin(tok, eos), out=out)
 
-        def cond(state):
-            step, _, _, _, done, _ = state
-            return (step < max_new) & ~jnp.all(done)
+    def _chunk(self, weights, state, limit, key, temperature, top_p, eos, pad_id, *, greedy,
+               top_k, use_top_p):
+        """Run the on-device loop until step `limit` (a traced bound: one executable serves a
+        whole generation or a few streamed tokens) or until every row is done."""
+        cfg = self.decode_cfg
 
-        def body(state):
-            step, tok, pos, caches, done, out = state
-            logits, caches = decode_step(cfg, weights, tok[:, None], pos[:, None], caches)
-            new = pick(logits[:, 0], jax.random.fold_in(key, step))
-            new = jnp.where(done, pad_id, new)
-            out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
-            emit(step, new, ~done)
-            return step + 1, new, pos + 1, caches, done | jnp.isin(new, eos), out
+        def cond(s: DecodeState):
+            return (s.step < limit) & ~jnp.all(s.done)
 
-        state = (jnp.ones((), jnp.int32), tok, positions, caches, done, out)
-        step, _, _, _, done, out = jax.lax.while_loop(cond, body, state)
-        return out, step, done
+        def body(s: DecodeState):
+            logits, caches = decode_step(cfg, weights, s.tok[:, None], s.positions[:, None],
+                                         s.caches)
+            new = sample(logits[:, 0], jax.random.fold_in(key, s.step), temperature, top_p,
+                         greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+            new = jnp.where(s.done, pad_id, new)  # finished rows emit the pad id
+            out = jax.lax.dynamic_update_slice(s.out, new[:, None], (0, s.step))
+            return DecodeState(step=s.step + 1, tok=new, positions=s.positions + 1,
+                               caches=caches, done=s.done | jnp.isin(new, eos), out=out)
 
-    def _emit(self, step, tok, active):
-        if self._on_token is not None:
-            self._on_token(int(step), np.asarray(tok), np.asarray(active))
+        return jax.lax.while_loop(cond, body, state)
 
     # ------------------------------------------------------------------------ host side
+
+    def _stream(self, chunk, weights, state, new, knobs, eos_ids, on_token):
+        """Decode `stream_every` tokens per dispatch, calling `on_token(step, tokens [B],
+        active [B])` for each step (`active`: the row had not stopped before this token)."""
+        eos = np.asarray(list(eos_ids), np.int32)
+        active = np.ones(state.tok.shape, bool)
+        sent = 0
+        while True:
+            step = int(state.step)
+            out = np.array(state.out[:, sent:step])  # a copy: `state` is donated next
+            for j in range(out.shape[1]):
+                on_token(sent + j, out[:, j], active.copy())
+                active &= ~np.isin(out[:, j], eos)
+            sent = step
+            if step >= new or not active.any():
+                return state
+            state = chunk(weights, state, jnp.int32(min(step + self.stream_every, new)), *knobs)
 
     def decode_weights(self) -> DecodeWeights:
         """Weights re-laid for decoding (built once, on first use)."""
@@ -247,15 +273,18 @@ class Engine:
                   for c in range(0, bucket, chunk)]
         prefill = self._executable("prefill", self._prefill_fn, (self.params, *chunks[0], cache))
         greedy, top_k, use_top_p = sampling.static(self.cfg.vocab_size)
-        temperature, top_p = sampling.dynamic()
-        eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+        static = {"greedy": greedy, "top_k": top_k, "use_top_p": use_top_p}
+        knobs = (jax.random.key(seed), *sampling.dynamic(),
+                 jnp.asarray(list(eos_ids) or [-1], jnp.int32), jnp.asarray(pad_id, jnp.int32))
         logits = jax.ShapeDtypeStruct((b, self.cfg.vocab_size), jnp.float32)
-        args = [self.decode_weights(), cache, logits, jnp.asarray(lengths), jax.random.key(seed),
-                temperature, top_p, jnp.asarray(new, jnp.int32), eos,
-                jnp.asarray(pad_id, jnp.int32)]
-        static = {"greedy": greedy, "top_k": top_k, "use_top_p": use_top_p,
-                      "stream": on_token is not None, "out_len": slots - bucket + 1}
-        decode = self._executable("decode", self._decode_fn, args, static)
+        first = self._executable("first", self._first_fn,
+                                 (cache, logits, jnp.asarray(lengths), *knobs),
+                                 {**static, "out_len": slots - bucket + 1})
+        state = jax.eval_shape(partial(self._first, **static, out_len=slots - bucket + 1),
+                               cache, logits, jnp.asarray(lengths), *knobs)
+        weights = self.decode_weights()
+        chunk = self._executable("chunk", self._chunk_fn,
+                                 (weights, state, jnp.int32(0), *knobs), static)
 
         t0 = time.perf_counter()
         for part in chunks:
@@ -263,15 +292,14 @@ class Engine:
         logits.block_until_ready()
         prefill_s = time.perf_counter() - t0
 
-        args[1], args[2] = cache, logits
-        self._on_token = on_token
-        try:
-            t0 = time.perf_counter()
-            out, steps, done = decode(*args)
-            out, steps, done = np.asarray(out), int(steps), np.asarray(done)
-            decode_s = time.perf_counter() - t0
-        finally:
-            self._on_token = None
+        t0 = time.perf_counter()
+        state = first(cache, logits, jnp.asarray(lengths), *knobs)
+        if on_token is None:
+            state = chunk(weights, state, jnp.int32(new), *knobs)
+        else:  # a few tokens per dispatch, each handed to `on_token` as soon as it is back
+            state = self._stream(chunk, weights, state, new, knobs, eos_ids, on_token)
+        out, steps, done = np.asarray(state.out), int(state.step), np.asarray(state.done)
+        decode_s = time.perf_counter() - t0
         out = out[:, :steps]
         is_eos = np.isin(out, np.asarray(list(eos_ids), np.int32))
         first_eos = np.where(is_eos.any(1), is_eos.argmax(1) + 1, steps)

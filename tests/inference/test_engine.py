@@ -151,7 +151,7 @@ def test_sampling_reproducible_with_seed(model, engine):
                         seed=12)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert (a.tokens != c.tokens).any()
-    sampled = [k for k in engine._compiled if k[0] == "decode" and ("greedy", False) in k[2]]
+    sampled = [k for k in engine._compiled if k[0] == "chunk" and ("greedy", False) in k[2]]
     assert len(sampled) == 1  # seed and top_p values are traced: nothing recompiled
 
 
