@@ -191,7 +191,7 @@ class Engine:
         sent = 0
         while True:
             step = int(state.step)
-            out = np.array(state.out[:, sent:step])  # a copy: `state` is donated next
+            out = np.array(state.out)[:, sent:step]  # a host copy: `state` is donated next
             for j in range(out.shape[1]):
                 on_token(sent + j, out[:, j], active.copy())
                 active &= ~np.isin(out[:, j], eos)
