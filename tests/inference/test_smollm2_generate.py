@@ -35,12 +35,15 @@ def test_greedy_32_tokens_match_transformers_batched(llm, smollm2_hf):
 
 
 def test_answer_and_stream(llm):
-    pieces = []
-    c = llm.generate("What is the capital of France?", max_new_tokens=24,
-                     on_text=lambda row, text: pieces.append(text))
+    """Streams two rows (same batch and bucket as above: nothing recompiles) and stops at EOS."""
+    pieces = {0: [], 1: []}
+    q = "What is the capital of France?"
+    c, other = llm.generate([q, PROMPTS[0]], max_new_tokens=24,
+                            on_text=lambda row, text: pieces[row].append(text))
     assert "Paris" in c.text and c.finish_reason == "stop" and c.token_ids[-1] == 2
-    assert "".join(pieces) == c.text and len(pieces) > 3
-    assert c.prompt_tokens == len(llm.encode("What is the capital of France?"))
+    assert "".join(pieces[0]) == c.text and len(pieces[0]) > 3
+    assert "".join(pieces[1]) == other.text and other.finish_reason == "length"
+    assert c.prompt_tokens == len(llm.encode(q))
 
 
 def test_text_stream_multibyte(llm):
