@@ -84,6 +84,15 @@ def test_prompt_longer_than_context(capsys, tiny_hf):
     one_line_error(capsys.readouterr().err, "context holds 4")
 
 
+def test_bad_overrides(capsys, tiny_hf):
+    assert main(["--prompt", "hi", "--checkpoint", tiny_hf, "--override", "nonexistent=3"]) == 1
+    one_line_error(capsys.readouterr().err, "nonexistent", "unknown key")
+    assert main(["--prompt", "hi", "--checkpoint", tiny_hf, "--override", "lambda.window"]) == 1
+    one_line_error(capsys.readouterr().err, "KEY=VALUE")
+    assert main(["--prompt", "hi", "--checkpoint", tiny_hf, "--layer-pattern", "mamba"]) == 1
+    one_line_error(capsys.readouterr().err, "mamba")
+
+
 def test_json_batch(capsys, tiny_hf):
     code = main(["--prompt", "hello there", "--prompt", "a much longer second prompt here",
                  "--checkpoint", tiny_hf, "--json", "--max-new-tokens", "5", "--seed", "3",
