@@ -1,5 +1,7 @@
 """Mesh construction, the rules table, and sharded == single-device train steps (8 CPU devices)."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -87,10 +89,10 @@ def test_optimizer_state_follows_params():
     assert sh.opt_state[1][0].count.spec == P()
 
 
-def _grads_and_update(mesh, batch, **kw):
+def _grads_and_update(mesh, batch, cfg=CFG, **kw):
     """Loss, gradients and the updated state of one train step, jitted with the rules' shardings
     (one program: XLA shares the forward/backward between the two results)."""
-    model = Transformer(CFG)
+    model = Transformer(cfg)
     # eps=1 keeps Adam's first update a smooth function of the gradient; with a tiny eps it is
     # lr * sign(g), which turns 1e-7 gradient rounding near g = 0 into lr-sized differences
     tx = make_optimizer(lr_schedule(1e-2, 10, 0), eps=1.0)
@@ -109,15 +111,21 @@ def _grads_and_update(mesh, batch, **kw):
     return jax.device_get((loss, count, grads, new_state.params, step_loss, state.params)), spec
 
 
-def test_sharded_train_step_equals_single_device():
-    """(data, fsdp, tensor) = (2, 2, 2) mesh, chunked loss and 2-way gradient accumulation on the
-    sharded side: loss, gradients and the AdamW update equal the single-device step."""
-    batch = random_batch(np.random.default_rng(0), 8, 32)
-    (l0, n0, g0, p0, _, _), _ = _grads_and_update(make_mesh({}, jax.devices()[:1]), batch)
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2, "seq": 1})
-    (l1, n1, g1, p1, s1, init1), spec = _grads_and_update(mesh, batch, loss_chunk=8, grad_accum=2)
-    assert spec == P(None, "fsdp", "tensor", None)
-    assert n0 == n1 == batch["weights"].sum()
+REFERENCE_BATCH = random_batch(np.random.default_rng(0), 8, 32)
+
+
+@functools.cache
+def single_device_reference():
+    """Loss, count, grads, updated params of REFERENCE_BATCH on one device (shared by the
+    sharded tests here and in tests/parallel, so it compiles once per session)."""
+    return _grads_and_update(make_mesh({}, jax.devices()[:1]), REFERENCE_BATCH)[0][:4]
+
+
+def assert_matches_reference(result):
+    """`result` = (loss, count, grads, new params, step loss, initial params) of a sharded run."""
+    l0, n0, g0, p0 = single_device_reference()
+    l1, n1, g1, p1, s1, init1 = result
+    assert n0 == n1 == REFERENCE_BATCH["weights"].sum()
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     np.testing.assert_allclose(s1, l1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
@@ -126,3 +134,12 @@ def test_sharded_train_step_equals_single_device():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(init1))]
     assert min(moved) > 0  # the step really updated every parameter
+
+
+def test_sharded_train_step_equals_single_device():
+    """(data, fsdp, tensor) = (2, 2, 2) mesh, chunked loss and 2-way gradient accumulation on the
+    sharded side: loss, gradients and the AdamW update equal the single-device step."""
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2, "seq": 1})
+    result, spec = _grads_and_update(mesh, REFERENCE_BATCH, loss_chunk=8, grad_accum=2)
+    assert spec == P(None, "fsdp", "tensor", None)
+    assert_matches_reference(result)

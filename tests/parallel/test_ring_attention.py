@@ -7,12 +7,9 @@ import pytest
 from jaxllama.kernels.flash_attention.api import Mask, attend
 
 from jaxllama.config import KernelConfig
-from jaxllama.model import Transformer
 from jaxllama.parallel import context_attend, from_zigzag, to_zigzag, zigzag_indices
 from jaxllama.sharding import make_mesh, use_mesh
-from jaxllama.training.optimizer import lr_schedule, make_optimizer
-from jaxllama.training.step import init_state, loss_and_grads, state_shardings
-from tests.test_sharding import CFG, random_batch
+from tests.test_sharding import CFG, REFERENCE_BATCH, _grads_and_update, assert_matches_reference
 
 
 def test_zigzag_layout_literal():
@@ -66,25 +63,11 @@ def test_context_parallel_matches_full_causal_attention(mode):
         np.testing.assert_allclose(from_zigzag(g, ways), r, atol=5e-6, rtol=1e-5)
 
 
-def test_seq_sharded_loss_and_grads_equal_single_device():
-    """The model with ring attention on a data x seq x tensor mesh (zigzag batch) gives the loss
-    and parameter gradients of the single-device model on the natural-order batch."""
-    batch = random_batch(np.random.default_rng(3), 4, 32)
-    tx = make_optimizer(lr_schedule(1e-3, 10, 0))
-    out = []
-    for mesh_cfg, ways, cp in (({}, 1, "none"), ({"data": 2, "seq": 2, "tensor": 2}, 2, "ring")):
-        devices = jax.devices()[:1] if ways == 1 else None
-        mesh = make_mesh(mesh_cfg, devices)
-        model = Transformer(CFG.replace(kernels=KernelConfig(context_parallel=cp)))
-        params = init_state(model, tx, mesh, jax.random.key(0)).params
-        sh = state_shardings(model, tx, mesh)
-        fn = jax.jit(lambda p, b, model=model: loss_and_grads(p, model, b, loss_chunk=8),
-                     in_shardings=(sh.params, None))
-        with use_mesh(mesh):
-            out.append(jax.device_get(fn(params, {k: to_zigzag(a, ways)
-                                                  for k, a in batch.items()})))
-    (l0, n0, g0), (l1, n1, g1) = out
-    assert n0 == n1
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+def test_seq_sharded_train_step_equals_single_device():
+    """The model with ring attention on a data x seq x tensor = 2 x 2 x 2 mesh, fed the zigzag
+    layout of the batch, gives the single-device loss, gradients and AdamW update."""
+    mesh = make_mesh({"data": 2, "seq": 2, "tensor": 2})
+    cfg = CFG.replace(kernels=KernelConfig(context_parallel="ring"))
+    batch = {k: to_zigzag(a, 2) for k, a in REFERENCE_BATCH.items()}
+    result, _ = _grads_and_update(mesh, batch, cfg, loss_chunk=8)
+    assert_matches_reference(result)
