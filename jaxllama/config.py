@@ -388,8 +388,7 @@ def load_yaml(path: str | Path) -> dict:
 def load_model_config(path: str | Path, overrides: list[str] = ()) -> ModelConfig:
     """A model preset (`configs/models/*.yaml`, top-level key `model`) with dotted overrides."""
     data = load_yaml(path)
-    data = apply_overrides(data, [o.removeprefix("model.") and f"model.{o.removeprefix('model.')}"
-                                  for o in overrides])
+    data = apply_overrides(data, [o if o.startswith("model.") else f"model.{o}" for o in overrides])
     if set(data) != {"model"}:
         extra = sorted(set(data) - {"model"}) or ["model (missing)"]
         raise ConfigError(f"{path}: {extra[0]}: unknown top-level key (a model preset holds `model:`)")
