@@ -5,8 +5,16 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the GGUF tokenizer cache goes to a per-run temporary directory, not ~/.cache/jaxllama
+if "JAXLLAMA_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
 
-import jax  # noqa: E402
+    os.environ["JAXLLAMA_CACHE"] = tempfile.mkdtemp(prefix="jaxllama-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAXLLAMA_CACHE"], ignore_errors=True)
+
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -14,7 +22,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # ----------------------------------------------------------------------------- shared SmolLM2 loads
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +48,25 @@ def smollm2_hf(smollm2_gguf_path):
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def make_tiny_hf(smollm2_jax, tmp_path_factory):
+    """Factory: a tiny random 2-layer dense Llama (SmolLM2's tokenizer and generation config) saved
+    as a Hugging Face directory; returns its path as a string."""
+    import jax
+
+    from jaxllama import AttentionConfig, ModelConfig, init_params
+    from jaxllama.checkpoint import save_hf
+
+    def make(name: str, *, tie: bool, kv_heads: int, context: int, seed: int) -> str:
+        cfg = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                          layer_pattern=("dense",) * 2, tie_word_embeddings=tie,
+                          attention=AttentionConfig(num_heads=4, num_kv_heads=kv_heads,
+                                                    max_position_embeddings=context))
+        params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(seed))
+        out = tmp_path_factory.mktemp(name) / "hf"
+        save_hf(cfg, params, smollm2_jax.tokenizer, out, smollm2_jax.generation_config)
+        return str(out)
+
+    return make

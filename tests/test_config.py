@@ -1,7 +1,12 @@
 import pytest
 
-from jaxllama.config import (ConfigError, ModelConfig, load_model_config, model_config_from_dict,
-                             parse_layer_pattern)
+from jaxllama.config import (
+    ConfigError,
+    ModelConfig,
+    load_model_config,
+    model_config_from_dict,
+    parse_layer_pattern,
+)
 
 
 def test_layer_pattern_forms():

@@ -6,11 +6,9 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from jaxllama import AttentionConfig, ModelConfig, init_params
 from jaxllama.generate import main
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXLLAMA_COMPILE_CACHE": ""}
@@ -30,18 +28,9 @@ def one_line_error(err: str, *words):
 
 
 @pytest.fixture(scope="module")
-def tiny_hf(smollm2_jax, tmp_path_factory):
+def tiny_hf(make_tiny_hf):
     """A tiny random Llama (SmolLM2's tokenizer, 64-token context) saved as an HF directory."""
-    from jaxllama.checkpoint import save_hf
-
-    cfg = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
-                      layer_pattern=("dense",) * 2, tie_word_embeddings=True,
-                      attention=AttentionConfig(num_heads=4, num_kv_heads=2,
-                                                max_position_embeddings=64))
-    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
-    out = tmp_path_factory.mktemp("tiny") / "hf"
-    save_hf(cfg, params, smollm2_jax.tokenizer, out, smollm2_jax.generation_config)
-    return str(out)
+    return make_tiny_hf("tiny", tie=True, kv_heads=2, context=64, seed=0)
 
 
 def test_bad_flag_value_subprocess():

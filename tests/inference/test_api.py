@@ -7,21 +7,11 @@ import numpy as np
 import pytest
 
 import jaxllama
-from jaxllama import AttentionConfig, ModelConfig, init_params
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(smollm2_jax, tmp_path_factory):
-    from jaxllama.checkpoint import save_hf
-
-    cfg = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
-                      layer_pattern=("dense",) * 2, tie_word_embeddings=False,
-                      attention=AttentionConfig(num_heads=4, num_kv_heads=1,
-                                                max_position_embeddings=128))
-    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(3))
-    out = tmp_path_factory.mktemp("api") / "tiny"
-    save_hf(cfg, params, smollm2_jax.tokenizer, out, smollm2_jax.generation_config)
-    return str(out)
+def tiny_dir(make_tiny_hf):
+    return make_tiny_hf("api", tie=False, kv_heads=1, context=128, seed=3)
 
 
 def test_from_pretrained_generate_and_round_trip(tiny_dir, tmp_path):
