@@ -1,0 +1,82 @@
+"""scripts/eval_long_context.py without the long runs: passkey prompts (exact length, key-free
+prefix), the report (plots, table, cells not run), resumable state, and bad flags."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ev():
+    spec = importlib.util.spec_from_file_location("eval_long_context",
+                                                  ROOT / "scripts" / "eval_long_context.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_passkey_prompt(ev, smollm2_jax):
+    tok = smollm2_jax.tokenizer
+    prefix, rest = ev.passkey_prompt(tok, 1024, 256, 12345)
+    assert len(prefix) == 256 and len(prefix) + len(rest) == 1024
+    text = tok.decode(rest.tolist())
+    assert text.startswith("The pass key is 12345.") and text.endswith(ev.QUESTION)
+    assert tok.decode(prefix.tolist()).startswith(ev.INTRO.strip()[:20])
+    prefix2, rest2 = ev.passkey_prompt(tok, 1024, 256, 67890)
+    assert (prefix2 == prefix).all() and len(rest2) == len(rest) and (rest2 != rest).any()
+    empty, whole = ev.passkey_prompt(tok, 512, 0, 11111)
+    assert len(empty) == 0 and len(whole) == 512
+    with pytest.raises(ValueError, match="cannot hold the needle"):
+        ev.passkey_prompt(tok, 512, 500, 11111)
+
+
+def test_report(ev, tmp_path):
+    lengths, depths = [2048, 8192], [0.1, 0.9]
+    ppl = {"dense": {"ppl@2048": 10.0, "ppl@8192": 9.5, "seconds": 3.0, "peak_rss_gb": 1.0,
+                     "bin_ppl": [12.0, 10.0, 9.0, 30.0]}}
+    keys = {"lambda": {"2048/0.1": {"length": 2048, "depth": 0.1, "trials": 10, "correct": 3}}}
+    ev.plot_ppl(ppl, 2048, tmp_path / "ppl.png")
+    ev.plot_passkey(keys, lengths, depths, tmp_path / "passkey.png")
+    for name in ("ppl.png", "passkey.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = {"command": "python x", "machine": "m", "date": "d", "seconds": 60.0,
+            "cpu_minutes": 2.0, "peak_rss_gb": 1.5, "models": {"dense": "all dense"}}
+    md = ev.markdown(meta, ppl, keys, lengths, depths)
+    assert "| dense | 10.00 | 9.50 | 3 | 1.0 GB |" in md
+    assert "| lambda | 10% | 3/10 | not run |" in md and "| lambda | 90% | not run | not run |" in md
+
+
+def test_partial_state_round_trip(ev, tmp_path):
+    path = tmp_path / "state.json"
+    state = ev.Partial(str(path))
+    state.data["passkey"]["lambda"] = {"2048/0.5": {"correct": 10, "trials": 10}}
+    state.save()
+    assert json.loads(path.read_text())["passkey"]["lambda"]["2048/0.5"]["correct"] == 10
+    assert ev.Partial(str(path)).data == state.data
+    assert ev.Partial(None).data == {"perplexity": {}, "passkey": {}, "runs": []}
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--chunk", "100"], ["--chunk", "multiple of 256"]),
+    (["--ppl-models", "dense,mamba"], ["unknown model", "mamba"]),
+    (["--depths", "0.5,2"], ["--depths", "[0, 1]"]),
+    (["--trials", "2048"], ["--trials", "LENGTH:TRIALS"]),
+])
+def test_bad_flags(ev, tmp_path, capsys, args, words):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--out", str(tmp_path / "out"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and all(w in err[0] for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_is_refused(ev, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
