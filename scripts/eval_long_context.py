@@ -66,11 +66,19 @@ class Runner:
             nll = -jnp.take_along_axis(logp, targets[0][:, None], axis=-1)[:, 0]
             return nll, logits[0, -1], cache
 
+        def chunk_last(params, tokens, positions, cache):
+            # passkey prompts need only the last position's logits: skip the [C V] LM head
+            h, cache = model.apply({"params": params}, tokens, positions, cache,
+                                   method=Transformer.hidden)
+            logits = model.apply({"params": params}, h[:, -1:], method=Transformer.logits)
+            return logits[0, -1], cache
+
         def step(params, tokens, positions, cache):
             logits, cache = model.apply({"params": params}, tokens, positions, cache)
             return logits[0, -1], cache
 
         self._chunk = jax.jit(chunk_nll)
+        self._chunk_last = jax.jit(chunk_last)
         self._step = jax.jit(step)
 
     def new_cache(self, max_len: int):
@@ -89,6 +97,16 @@ class Runner:
                                            jnp.asarray(tgt[None]), jnp.asarray(pos[None]), cache)
             nlls.append(np.asarray(nll))
         return np.concatenate(nlls)[:-1], last, cache
+
+    def feed(self, ids: np.ndarray, start: int, cache):
+        """Like `run` without the NLL: (last logits, cache)."""
+        last = None
+        for a in range(0, len(ids), self.chunk):
+            tok = ids[a:a + self.chunk]
+            pos = np.arange(start + a, start + a + len(tok))
+            last, cache = self._chunk_last(self.params, jnp.asarray(tok[None]),
+                                           jnp.asarray(pos[None]), cache)
+        return last, cache
 
     def greedy(self, last_logits, cache, position: int, n: int) -> list[int]:
         out = [int(jnp.argmax(last_logits))]
@@ -152,12 +170,12 @@ def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed
             prefix, _ = passkey_prompt(tok, n, depth_tokens, 0)
             cache0 = runner.new_cache(n + 16)
             if len(prefix):
-                _, _, cache0 = runner.run(prefix, 0, cache0)
+                _, cache0 = runner.feed(prefix, 0, cache0)
             hits = []
             for _ in range(k):
                 key = int(rng.integers(10000, 100000))
                 _, rest = passkey_prompt(tok, n, depth_tokens, key)
-                _, last, cache = runner.run(rest, len(prefix), cache0)
+                last, cache = runner.feed(rest, len(prefix), cache0)
                 answer = tok.decode(runner.greedy(last, cache, n, 8))
                 digits = "".join(ch if ch.isdigit() else " " for ch in answer).split()
                 hits.append(bool(digits) and digits[0] == str(key))

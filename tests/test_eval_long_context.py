@@ -80,3 +80,26 @@ def test_existing_out_is_refused(ev, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_runner_chunked_matches_one_forward(ev, smollm2_jax):
+    """Chunked NLL through the cache equals one full forward; `feed` (last logits only) agrees."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxllama.model import Transformer
+
+    ck = smollm2_jax
+    ids = np.asarray(ck.tokenizer.encode(ev.natural_text()[:4000]), np.int32)[:512]
+    runner = ev.Runner(ck.config, ck.params, 256)
+    nll, last, _ = runner.run(ids, 0, runner.new_cache(len(ids)))
+    logits, _ = Transformer(ck.config).apply({"params": ck.params}, jnp.asarray(ids[None]))
+    logp = jax.nn.log_softmax(logits[0], axis=-1)
+    want = -np.take_along_axis(np.asarray(logp[:-1]), ids[1:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(nll, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(logits[0, -1]), rtol=1e-4, atol=1e-4)
+    fed, _ = runner.feed(ids, 0, runner.new_cache(len(ids)))
+    # a [1 D] x [D V] product instead of rows of [C D] x [D V]: float32 rounding differs
+    np.testing.assert_allclose(np.asarray(fed), np.asarray(last), rtol=1e-4, atol=1e-4)
+    assert int(np.argmax(fed)) == int(np.argmax(last))
