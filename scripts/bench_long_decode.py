@@ -130,11 +130,21 @@ def main(argv=None) -> int:
           f"best of {args.repeats}; JAX {jax.__version__} on {jax.devices()[0].device_kind}")
     print("| model | context | decode tok/s | cache (keys/values) |")
     print("|---|---:|---:|---:|")
+    speed = {}
     for name, (cfg, params) in models.items():
         for n in args.contexts:
             tps, _ = bench(cfg, params, n, args.steps, args.repeats)
+            speed[name, n] = tps
             mb = plan(cfg, n + 1024, dtype="float32").kv_bytes / 1e6
             print(f"| {name} | {n:,} | {tps:.1f} | {mb:,.0f} MB |", flush=True)
+    lo, hi = min(args.contexts), max(args.contexts)
+    if lo != hi:
+        print()
+        for name in models:
+            print(f"{name}: tok/s at {hi:,} / tok/s at {lo:,} = "
+                  f"{speed[name, hi] / speed[name, lo]:.2f}")
+        lam_name = next(n for n in models if n != "dense")
+        print(f"lambda / dense tok/s at {hi:,} = {speed[lam_name, hi] / speed['dense', hi]:.2f}")
     return 0
 
 

@@ -240,8 +240,8 @@ def plot_passkey(results: dict, lengths, depths, path: Path) -> None:
                 c = cells.get(f"{n}/{d}")
                 if c:
                     grid[i, j] = c["correct"] / c["trials"]
-                    ax.text(j, i, f"{c['correct']}/{c['trials']}", ha="center", va="center",
-                            fontsize=9)
+                ax.text(j, i, f"{c['correct']}/{c['trials']}" if c else "not run", ha="center",
+                        va="center", fontsize=9 if c else 7, color="black" if c else "gray")
         ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
@@ -359,7 +359,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--partial", default=None,
                     help="JSON file of finished parts: updated as the run goes, skipped on rerun")
+    ap.add_argument("--report-only", action="store_true",
+                    help="compute nothing: write the plots and tables from --partial (cells not "
+                         "in it show as not run)")
     args = ap.parse_args(argv)
+    if args.report_only and not (args.partial and Path(args.partial).is_file()):
+        ap.error("--report-only needs --partial naming an existing results file")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         ap.error(f"--out {out} exists (pass --overwrite to replace it)")
@@ -381,7 +386,11 @@ def main(argv=None) -> int:
         ap.error(f"the text has only {len(text_ids)} tokens, fewer than {lengths[-1]}")
     state = Partial(args.partial)
     ppl, keys = state.data["perplexity"], state.data["passkey"]
-    for name in dict.fromkeys(ppl_models + key_models):  # lambda first: its peak RSS is its own
+    if args.report_only:
+        ppl = {k: v for k, v in ppl.items() if k in ppl_models}
+        keys = {k: v for k, v in keys.items() if k in key_models}
+    for name in () if args.report_only else dict.fromkeys(ppl_models + key_models):
+        # lambda first: its peak RSS is its own
         cfg, params, _ = models[name]
         runner = Runner(cfg, params, args.chunk)
         if name in ppl_models and name not in ppl:
@@ -396,17 +405,21 @@ def main(argv=None) -> int:
             passkey(runner, ck.tokenizer, lengths, args.depths, trials, 256, args.seed,
                     keys.setdefault(name, {}), state.save)
 
-    command = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
-    state.data["runs"].append({"command": command, "cpu_minutes": cpu_minutes(),
-                               "seconds": time.perf_counter() - t_start,
-                               "date": time.strftime("%Y-%m-%d")})
-    state.save()
+    if not args.report_only:
+        command = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
+        state.data["runs"].append({"command": command, "cpu_minutes": cpu_minutes(),
+                                   "seconds": time.perf_counter() - t_start,
+                                   "date": time.strftime("%Y-%m-%d")})
+        state.save()
     runs = state.data["runs"]
+    recorded = ([r.get("peak_rss_gb", 0.0) for r in ppl.values()]
+                + [c["peak_rss_gb"] for cells in keys.values() for c in cells.values()])
     meta = {"command": " && ".join(r["command"] for r in runs),
                 "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} "
                         f"({jax.default_backend()}), float32",
                 "date": time.strftime("%Y-%m-%d"), "seconds": sum(r["seconds"] for r in runs),
-                "cpu_minutes": sum(r["cpu_minutes"] for r in runs), "peak_rss_gb": peak_rss_gb(),
+                "cpu_minutes": sum(r["cpu_minutes"] for r in runs),
+                "peak_rss_gb": max([peak_rss_gb()] + recorded),
                 "models": {k: v[2] for k, v in models.items() if k in ppl_models + key_models}}
     tmp = Path(tempfile.mkdtemp(prefix=".eval_long_context.", dir=out.parent if out.parent.exists()
                                 else None))

@@ -103,3 +103,33 @@ def test_runner_chunked_matches_one_forward(ev, smollm2_jax):
     # a [1 D] x [D V] product instead of rows of [C D] x [D V]: float32 rounding differs
     np.testing.assert_allclose(np.asarray(fed), np.asarray(last), rtol=1e-4, atol=1e-4)
     assert int(np.argmax(fed)) == int(np.argmax(last))
+
+
+def test_report_only_from_state(ev, tmp_path, smollm2_jax, capsys):
+    """--report-only writes plots and tables from --partial alone: no new runs recorded, cells
+    missing from the state shown as not run, the peak RSS the largest one recorded."""
+    cell = {"length": 2048, "depth": 0.9, "trials": 10, "correct": 7, "peak_rss_gb": 55.5,
+            "seconds": 1.0}
+    state = {"perplexity": {}, "passkey": {"dense": {"2048/0.9": cell}},
+             "runs": [{"command": "python earlier", "cpu_minutes": 3.0, "seconds": 120.0,
+                       "date": "2026-01-01"}]}
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps(state))
+    out = tmp_path / "out"
+    assert ev.main(["--out", str(out), "--partial", str(path), "--report-only", "--ppl-models=",
+                    "--passkey-models", "dense", "--lengths", "2048,4096",
+                    "--depths", "0.1,0.9"]) == 0
+    assert json.loads(path.read_text()) == state
+    md = (out / "results.md").read_text()
+    assert "| dense | 10% | not run | not run |" in md and "| dense | 90% | 7/10 | not run |" in md
+    assert "Command: `python earlier`" in md and "peak RSS 55.5 GB" in md
+    assert (out / "passkey.png").read_bytes()[:4] == b"\x89PNG" and not (out / "ppl.png").exists()
+    assert json.loads((out / "results.json").read_text())["passkey"] == state["passkey"]
+
+
+def test_report_only_needs_state(ev, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--out", str(tmp_path / "out"), "--report-only",
+                 "--partial", str(tmp_path / "missing.json")])
+    assert e.value.code == 2 and "--report-only needs --partial" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
