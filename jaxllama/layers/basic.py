@@ -78,7 +78,11 @@ class Embed(nn.Module):
             (self.vocab_size, self.features), self.param_dtype)
 
     def __call__(self, ids):
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        # Gather from a table whole along `embed` (the all-gather FSDP does anyway): a gather from
+        # the [vocab/tensor, embed/fsdp] table yields rows split along `embed`, which XLA's
+        # partitioner cannot reshard to the batch-split activations without replicating them.
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x):
         return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype))  # [B T D] x [V D] -> [B T V]
