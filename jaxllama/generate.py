@@ -2,6 +2,7 @@
 
     python -m jaxllama.generate --prompt "What is the capital of France?"
     python -m jaxllama.generate --prompt "a" --prompt "b" --json --temperature 0.7 --top-p 0.9
+    python -m jaxllama.generate --prompt-file long.txt --no-chat --layer-pattern lambda
 
 One prompt streams its answer token by token to stdout; several run as one padded batch and print
 when done. `--json` prints one JSON object per prompt instead. Statistics go to stderr.
@@ -54,6 +55,15 @@ def _number(kind, lo=None, hi=None, lo_open=False, name=""):
     return parse
 
 
+def _prompt_file(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {reason}") from None
+
+
 def _memory_spec(text):
     from jaxllama.memory_tokens import parse_memory_tokens
 
@@ -65,8 +75,11 @@ def _memory_spec(text):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m jaxllama.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--prompt", action="append", required=True,
+    p.add_argument("--prompt", action="append", default=[],
                    help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-file", action="append", dest="prompt", type=_prompt_file,
+                   metavar="PATH", help="read a prompt from a UTF-8 text file, e.g. a long "
+                   "document (repeatable, mixes with --prompt in order)")
     p.add_argument("--checkpoint", default=None,
                    help="HF directory, .gguf file or orbax directory (default: embedded SmolLM2)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
@@ -195,11 +208,14 @@ def _run_with_memory_tokens(args, llm, chat: bool, on_text) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.prompt:
+        parser.error("one of --prompt or --prompt-file is required")
     try:
         args.prompt = list(args.prompt)
         if any(not p for p in args.prompt):
-            raise CliError("--prompt must not be empty")
+            raise CliError("a prompt is empty (--prompt or --prompt-file)")
         return run(args)
     except CliError as e:
         print(f"error: {e}", file=sys.stderr)

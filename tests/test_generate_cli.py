@@ -73,6 +73,34 @@ def test_prompt_longer_than_context(capsys, tiny_hf):
     one_line_error(capsys.readouterr().err, "context holds 4")
 
 
+def test_prompt_file(capsys, tiny_hf, tmp_path):
+    """--prompt-file reads the prompt (same answer as --prompt with its text, order kept with
+    --prompt); missing, undecodable or empty files and no prompt at all are one-line errors."""
+    text = "a long document " * 5
+    (tmp_path / "p.txt").write_text(text, encoding="utf-8")
+    common = ["--checkpoint", tiny_hf, "--no-chat", "--json", "--max-new-tokens", "4"]
+    assert main(["--prompt", text, *common]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(["--prompt", "hi", "--prompt-file", str(tmp_path / "p.txt"), *common]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [r["prompt"] for r in rows] == ["hi", text]
+    assert rows[1]["token_ids"] == want["token_ids"]
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "empty.txt").write_text("")
+    for path, words in [(tmp_path / "nope.txt", ["--prompt-file", "nope.txt", "No such file"]),
+                        (tmp_path / "bad.txt", ["--prompt-file", "bad.txt", "UnicodeDecodeError"])]:
+        with pytest.raises(SystemExit) as e:
+            main(["--prompt-file", str(path), *common])
+        assert e.value.code == 2
+        one_line_error(capsys.readouterr().err, *words)
+    with pytest.raises(SystemExit) as e:
+        main(common)
+    assert e.value.code == 2
+    one_line_error(capsys.readouterr().err, "--prompt or --prompt-file is required")
+    assert main(["--prompt-file", str(tmp_path / "empty.txt"), *common]) == 1
+    one_line_error(capsys.readouterr().err, "prompt is empty")
+
+
 def test_bad_overrides(capsys, tiny_hf):
     assert main(["--prompt", "hi", "--checkpoint", tiny_hf, "--override", "nonexistent=3"]) == 1
     one_line_error(capsys.readouterr().err, "nonexistent", "unknown key")

@@ -48,6 +48,8 @@ from jaxllama.inference.sampling import SamplingConfig, sample
 from jaxllama.layers.basic import dtype_of
 from jaxllama.model import Transformer, init_cache
 
+UNBOUNDED = 2**31 - 1  # context of an all-lambda model without max_len (int32 positions)
+
 CACHE_ROUND = 128
 
 
@@ -208,6 +210,12 @@ class Engine:
         return self._weights
 
     def context_length(self, max_len: int | None = None) -> int:
+        """Prompt + generated tokens a sequence may hold: the model's `max_position_embeddings`
+        capped by `max_len`. A model of lambda layers only has no such limit (each token attends
+        to G + L keys at distances clipped to D, whatever its position: LM-Infinite), so there
+        only `max_len` caps it."""
+        if set(self.cfg.layer_pattern) == {"lambda"}:
+            return UNBOUNDED if max_len is None else max_len
         ctx = self.cfg.attention.max_position_embeddings
         return ctx if max_len is None else min(ctx, max_len)
 

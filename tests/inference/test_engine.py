@@ -38,10 +38,10 @@ def _forward(cfg):
     return jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t)[0])
 
 
-def full_greedy(cfg, params, prompt, n):
+def full_greedy(cfg, params, prompt, n, ref_len=REF_LEN):
     """Reference: greedy decoding by re-running the full (cache-free) forward every token, on one
     fixed-size buffer (causal: tokens after the read position cannot change its logits)."""
-    buf = np.zeros((1, REF_LEN), np.int32)
+    buf = np.zeros((1, ref_len), np.int32)
     ids = list(prompt)
     for _ in range(n):
         buf[0, :len(ids)] = ids
@@ -196,3 +196,20 @@ def test_hybrid_layer_pattern(hybrid, n):
     prompt = np.random.RandomState(5).randint(0, V, n).tolist()
     out = engine.generate([prompt], max_new_tokens=6)
     assert out.row(0) == full_greedy(cfg, params, prompt, 6)
+
+
+def test_all_lambda_model_generates_past_max_position_embeddings():
+    """Lambda layers only: no position limit (max_position_embeddings = 64 here), a 150-token
+    prompt decodes like the full forward; max_len still caps it."""
+    from jaxllama.config import LambdaConfig
+
+    cfg = tiny(True, layers=("lambda",) * 2, lambda_=LambdaConfig(global_tokens=3, window=8))
+    params = random_params(cfg, seed=7)
+    eng = Engine(cfg, params)
+    prompt = np.random.RandomState(7).randint(0, V, 150).tolist()
+    out = eng.generate([prompt], max_new_tokens=5)
+    assert out.steps == 5
+    assert out.row(0) == full_greedy(cfg, params, prompt, 5, ref_len=160)
+    with pytest.raises(GenerationError, match="150 tokens but the context holds 100"):
+        eng.generate([prompt], max_new_tokens=5, max_len=100)
+    assert eng.generate([prompt], max_new_tokens=50, max_len=153).steps == 3
