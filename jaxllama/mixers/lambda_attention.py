@@ -180,17 +180,26 @@ class LambdaAttention(Attention):
         """The chunk's T queries over [ring (slots start-L .. start-1) | chunk (start ..
         start+T-1)] with the window, plus the sinks. Positions in the mask are slot - lead."""
         lam = self.cfg.lambda_
-        start = cache.length
-        ring_k, ring_v, ring_seg = cache.window_view()
-        cache = cache.append(k, k_0, v, segment_ids)
-        keys = jnp.concatenate([ring_k.astype(q.dtype), k], axis=1)  # [B L+T K H]
-        vals = jnp.concatenate([ring_v.astype(q.dtype), v], axis=1)
-        kv_seg = jnp.concatenate([ring_seg, segment_ids], axis=1)
+        start, w = cache.length, cache.ring_k.shape[1]
+        if q.shape[1] == 1:
+            # one query (decode): after the append the ring holds exactly its window, slots
+            # start-L+1 .. start in some rotation. Attention does not depend on key order, so the
+            # ring is read in place (no chronological copy): its keys are given positions that
+            # all pass the causal and window tests, and segment ids hide empty and padding slots.
+            cache = cache.append(k, k_0, v, segment_ids)
+            keys, vals = cache.ring_k.astype(q.dtype), cache.ring_v.astype(q.dtype)
+            kv_seg, k_back = cache.ring_segment_ids, w - 1
+        else:
+            ring_k, ring_v, ring_seg = cache.window_view()
+            cache = cache.append(k, k_0, v, segment_ids)
+            keys = jnp.concatenate([ring_k.astype(q.dtype), k], axis=1)  # [B L+T K H]
+            vals = jnp.concatenate([ring_v.astype(q.dtype), v], axis=1)
+            kv_seg, k_back = jnp.concatenate([ring_seg, segment_ids], axis=1), w
         sink_k, sink_v = cache.sink_k.astype(q.dtype), cache.sink_v.astype(q.dtype)
 
         def one(q, keys, vals, q_seg, kv_seg, q_d, sink_k, sink_v, sink_seg, lead):
             mask = Mask(causal=True, window=lam.window, q_offset=start - lead,
-                        k_offset=start - lead - ring_k.shape[1], q_segment_ids=q_seg,
+                        k_offset=start - lead - k_back, q_segment_ids=q_seg,
                         kv_segment_ids=kv_seg)
             sink = None
             if lam.global_tokens:
