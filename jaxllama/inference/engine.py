@@ -25,8 +25,11 @@ dtype: decode is bound by reading the weights once per token with matrix-vector 
 XLA:CPU runs about 25x slower in bfloat16 than in float32, so the decode weights are kept as a
 float32 copy; and on CPUs without bfloat16 matrix units (AVX2 only, as measured here) XLA:CPU
 upcasts bfloat16 matrix products to float32 anyway, so a bfloat16 prefill only adds conversions.
-bfloat16 parameters then still halve the memory of the stored (prefill) weights. A CPU with
-bfloat16 units can ask for `prefill_dtype="bfloat16"`.
+bfloat16 parameters then still halve the memory of the stored (prefill) weights. On a CPU with
+bfloat16 units (AVX512_BF16 / AMX, see `cpu_has_bfloat16_units`) bfloat16 parameters prefill in
+bfloat16 by default: the matrix products take bfloat16 inputs and accumulate in float32, about 2x
+XLA:CPU's float32 rate there (measured: 884 vs 453 GFLOP/s on a 2-core AVX512_BF16 EPYC), while
+decode stays float32 (bfloat16 matrix-vector products are still about 35x slower there).
 """
 
 from __future__ import annotations
@@ -51,6 +54,21 @@ from jaxllama.model import Transformer, init_cache
 UNBOUNDED = 2**31 - 1  # context of an all-lambda model without max_len (int32 positions)
 
 CACHE_ROUND = 128
+
+
+def cpu_has_bfloat16_units() -> bool:
+    """True when the host CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX-BF16 in
+    /proc/cpuinfo), with which XLA:CPU's bfloat16 matrix products (float32 accumulation) run about
+    2x its float32 ones; False elsewhere, or when it cannot tell."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 class GenerationError(ValueError):
@@ -124,7 +142,9 @@ class Engine:
         self.cfg = cfg
         self.params = params
         default = "float32" if on_cpu else cfg.param_dtype
-        self.prefill_cfg = cfg.replace(dtype=prefill_dtype or default)
+        prefill_default = ("bfloat16" if on_cpu and cfg.param_dtype == "bfloat16"
+                           and cpu_has_bfloat16_units() else default)
+        self.prefill_cfg = cfg.replace(dtype=prefill_dtype or prefill_default)
         self.decode_cfg = cfg.replace(dtype=decode_dtype or default)
         self.cache_dtype = dtype_of(cache_dtype)
         self.unrolled = unrolled

@@ -39,7 +39,8 @@ class Linear(nn.Module):
         letters = "abcdefgh"
         xs = "..." + letters[:n_in]
         ws = letters[:n_in] + letters[n_in:n_in + len(self.out_shape)]
-        y = jnp.einsum(f"{xs},{ws}->...{ws[n_in:]}", x.astype(self.dtype), w.astype(self.dtype))
+        y = jnp.einsum(f"{xs},{ws}->...{ws[n_in:]}", x.astype(self.dtype), w.astype(self.dtype),
+                       preferred_element_type=jnp.float32).astype(self.dtype)
         if self.use_bias:
             b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
                                                                tuple(self.axes[n_in:])),

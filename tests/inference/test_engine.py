@@ -155,11 +155,18 @@ def test_sampling_reproducible_with_seed(model, engine):
     assert len(sampled) == 1  # seed and top_p values are traced: nothing recompiled
 
 
-def test_bfloat16_prefill_float32_decode(model):
+def test_bfloat16_prefill_float32_decode(model, monkeypatch):
+    import jaxllama.inference.engine as engine_mod
+
     cfg, params = model
     prompt = np.random.RandomState(4).randint(0, V, 9).tolist()
-    default = Engine(cfg.replace(param_dtype="bfloat16"), params)  # CPU: float32 in both phases
-    assert default.prefill_cfg.dtype == default.decode_cfg.dtype == "float32"
+    # CPU defaults: float32 decode; prefill float32 unless bfloat16 params on a CPU with bfloat16
+    # units
+    for units, want in [(False, "float32"), (True, "bfloat16")]:
+        monkeypatch.setattr(engine_mod, "cpu_has_bfloat16_units", lambda units=units: units)
+        default = Engine(cfg.replace(param_dtype="bfloat16"), params)
+        assert default.prefill_cfg.dtype == want and default.decode_cfg.dtype == "float32"
+        assert Engine(cfg, params).prefill_cfg.dtype == "float32"  # float32 params
     bf = Engine(cfg, params, prefill_dtype="bfloat16")
     assert bf.prefill_cfg.dtype == "bfloat16" and bf.decode_cfg.dtype == "float32"
     out = bf.generate([prompt], max_new_tokens=5)
