@@ -67,6 +67,9 @@ class Attention(nn.Module):
     kernels: KernelConfig = KernelConfig()
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    # A sequence must fit in `max_position_embeddings` (attention over all past positions, rotated
+    # at their true distance); a mixer without that limit sets this False.
+    context_limited = True
 
     def project(self, x):
         """Un-rotated q [B T N H], k, v [B T K H] (lambda attention also needs them raw)."""

@@ -136,6 +136,7 @@ class LambdaAttention(Attention):
     loads into it: (x [B T D], positions [B T], cache, segment_ids [B T]) -> (y [B T D], cache)."""
 
     cfg: LambdaAttentionConfig
+    context_limited = False  # G + L keys at distances clipped to D, whatever the position
 
     def rotations(self, x, positions):
         """q, k rotated at `positions`; q rotated to D; k rotated to 0 ("un-rotated"); v."""
@@ -178,7 +179,9 @@ class LambdaAttention(Attention):
 
     def attend_cached(self, q, k, q_d, k_0, v, segment_ids, cache: LambdaCache):
         """The chunk's T queries over [ring (slots start-L .. start-1) | chunk (start ..
-        start+T-1)] with the window, plus the sinks. Positions in the mask are slot - lead."""
+        start+T-1)] with the window, plus the sinks. Positions in the mask are slot - lead.
+        One query (decode) reads the ring in place instead: same mask and attend, keys laid out
+        without the per-step chronological copy and concatenation (1.46x decode, BENCHMARKS.md)."""
         lam = self.cfg.lambda_
         start, w = cache.length, cache.ring_k.shape[1]
         if q.shape[1] == 1:
