@@ -27,9 +27,10 @@ float32 copy; and on CPUs without bfloat16 matrix units (AVX2 only, as measured 
 upcasts bfloat16 matrix products to float32 anyway, so a bfloat16 prefill only adds conversions.
 bfloat16 parameters then still halve the memory of the stored (prefill) weights. On a CPU with
 bfloat16 units (AVX512_BF16 / AMX, see `cpu_has_bfloat16_units`) bfloat16 parameters prefill in
-bfloat16 by default: the matrix products take bfloat16 inputs and accumulate in float32, about 2x
-XLA:CPU's float32 rate there (measured: 884 vs 453 GFLOP/s on a 2-core AVX512_BF16 EPYC), while
-decode stays float32 (bfloat16 matrix-vector products are still about 35x slower there).
+bfloat16 by default: the matrix products take bfloat16 inputs and accumulate in float32, about 1.9x
+XLA:CPU's float32 rate there (862 vs 453 GFLOP/s on a 2-core AVX512_BF16 EPYC,
+`scripts/bench_cpu_prefill.py`), while decode stays float32 (bfloat16 matrix-vector products read
+25-33x slower there).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ CACHE_ROUND = 128
 def cpu_has_bfloat16_units() -> bool:
     """True when the host CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX-BF16 in
     /proc/cpuinfo), with which XLA:CPU's bfloat16 matrix products (float32 accumulation) run about
-    2x its float32 ones; False elsewhere, or when it cannot tell."""
+    1.9x its float32 ones; False elsewhere, or when it cannot tell."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
