@@ -381,9 +381,11 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     ck = load_checkpoint(None)
     models = build_models(ck, args)
-    text_ids = np.asarray(ck.tokenizer.encode(natural_text(), add_special_tokens=False), np.int32)
-    if len(text_ids) < lengths[-1]:
-        ap.error(f"the text has only {len(text_ids)} tokens, fewer than {lengths[-1]}")
+    if not args.report_only:
+        text_ids = np.asarray(ck.tokenizer.encode(natural_text(), add_special_tokens=False),
+                              np.int32)
+        if len(text_ids) < lengths[-1]:
+            ap.error(f"the text has only {len(text_ids)} tokens, fewer than {lengths[-1]}")
     state = Partial(args.partial)
     ppl, keys = state.data["perplexity"], state.data["passkey"]
     if args.report_only:
