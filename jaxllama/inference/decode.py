@@ -80,7 +80,9 @@ def decode_step(cfg: ModelConfig, weights: DecodeWeights, tokens, positions, cac
         new_caches.append(lc)
     h = RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=dt).apply(
         {"params": {"scale": weights.norm}}, x)
-    logits = jnp.einsum("btd,dv->btv", h, weights.lm_head.astype(dt))  # [B T D] x [D V] -> [B T V]
+    # [B T D] x [D V] -> [B T V], accumulated in float32 like the model's LM head
+    logits = jnp.einsum("btd,dv->btv", h, weights.lm_head.astype(dt),
+                        preferred_element_type=jnp.float32)
     return logits.astype(jnp.float32), new_caches
 
 

@@ -19,7 +19,9 @@ class Linear(nn.Module):
     """y = x . W over the last `len(in_shape)` axes of x; W [*in_shape, *out_shape] with logical axes.
 
     The einsum contracts named axes so projections keep head structure ([D] -> [N H]) without
-    reshapes, which keeps the tensor-parallel sharding of heads visible to XLA.
+    reshapes, which keeps the tensor-parallel sharding of heads visible to XLA. Products accumulate
+    in float32 whatever `dtype` (XLA:CPU's fast bfloat16 path; what accelerators do anyway), and
+    the result is rounded to `dtype`.
     """
 
     in_shape: Sequence[int]
@@ -86,7 +88,9 @@ class Embed(nn.Module):
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x):
-        return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype))  # [B T D] x [V D] -> [B T V]
+        # [B T D] x [V D] -> [B T V], accumulated in float32 like `Linear`, returned in float32
+        return jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
 
 
 class MLP(nn.Module):
