@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxllama.block import Block
 from jaxllama.config import ModelConfig
@@ -128,3 +129,45 @@ def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     variables = model.init(rng, tokens)
     return nn.meta.unbox(variables["params"])
+
+
+# ----------------------------------------------------------------------------- per-layer view
+
+
+def layer_locations(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(run r, index j in the run) of every layer l: the one place that knows the run layout."""
+    return [(r, j) for r, (_, n) in enumerate(cfg.runs) for j in range(n)]
+
+
+def _runs_of(cfg: ModelConfig, tree) -> list:
+    if isinstance(tree, dict):  # params: run r lives at run_{r}/block
+        return [tree[f"run_{r}"]["block"] for r in range(len(cfg.runs))]
+    return list(tree)  # the model cache: one stacked cache per run
+
+
+def unstack(cfg: ModelConfig, tree) -> list:
+    """Per-layer trees (leading run axis removed), one per layer of `cfg.layer_pattern`, of the
+    params tree (its layer part: each item is that layer's block tree) or of the model cache."""
+    runs = _runs_of(cfg, tree)
+    return [jax.tree.map(lambda a, j=j: a[j], runs[r]) for r, j in layer_locations(cfg)]
+
+
+def _stack_leaves(*leaves):
+    if all(isinstance(a, np.ndarray) for a in leaves):
+        return np.stack(leaves)
+    return jnp.stack(leaves)
+
+
+def stack(cfg: ModelConfig, layers, rest: dict | None = None):
+    """Inverse of `unstack`. Without `rest`: the model cache (a tuple, one stacked tree per run).
+    With `rest` (the params entries outside the layers: embed, norm, lm_head): the params tree."""
+    layers = list(layers)
+    if len(layers) != cfg.num_layers:
+        raise ValueError(f"stack: {len(layers)} layers for a {cfg.num_layers}-layer config")
+    runs, at = [], 0
+    for _, n in cfg.runs:
+        runs.append(jax.tree.map(_stack_leaves, *layers[at:at + n]))
+        at += n
+    if rest is None:
+        return tuple(runs)
+    return {**rest, **{f"run_{r}": {"block": run} for r, run in enumerate(runs)}}

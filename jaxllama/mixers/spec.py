@@ -1,0 +1,68 @@
+"""What a layer kind says about itself: `MixerSpec` and `HFTensor`.
+
+Each mixer file (`mixers/<kind>.py`) exports one `SPEC`; `mixers/__init__.py` collects them into
+`REGISTRY`. Code outside `mixers/` asks the registry (`spec_of(kind)`) instead of comparing kind
+names: config validation, the cache planner, checkpoints, MFU, context parallelism, the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """One HF tensor of a layer's mixer and where it lives in that layer's block tree.
+
+    `hf_name` is relative to the layer prefix (`self_attn.q_proj.weight` under
+    `model.layers.{l}.`), `path` relative to the block (`("mixer", "q_proj", "kernel")`). HF
+    matrices are [out, in] and ours [in..., out...]: a matrix is transposed then reshaped
+    (`transpose`); vectors are only reshaped.
+    """
+
+    hf_name: str
+    path: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    transpose: bool
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    """A layer kind: its module, cache and sub-config, capabilities, HF tensors and FLOPs.
+
+    - `config_field`: the `ModelConfig` field holding this kind's own knobs (None: the kind has
+      none beyond the model's); the mixer's sub-config is `config_cls.from_model(model_cfg)`.
+    - `context_limited`: a sequence must fit in the model's `max_position_embeddings`.
+    - `context_parallel`: the `kernels.context_parallel` modes a training pass of this kind runs
+      (empty: none; `none` is always allowed).
+    - `uses_rope`: the mixer rotates by the `positions` argument.
+    - `padding`: how a padded position is made invisible (`segment_ids`: masked by segment id 0;
+      `state_reset`: a recurrence that skips it).
+    - `cache_growth`: `linear` (bytes grow with max_len) or `constant`.
+    - `hf_tensors(sub_cfg)`: the mixer's HF tensors of one layer (None: no HF layout).
+    - `flops_per_token(sub_cfg, seq_len)`: forward FLOPs per token that are not products with
+      parameters (attention scores and values, scans); the trainer adds 2 x params itself.
+    """
+
+    kind: str
+    module: type
+    cache: type
+    config_cls: type
+    config_field: str | None
+    context_limited: bool
+    context_parallel: tuple[str, ...]
+    uses_rope: bool
+    padding: Literal["segment_ids", "state_reset"]
+    cache_growth: Literal["linear", "constant"]
+    hf_tensors: Callable[[Any], tuple[HFTensor, ...]] | None
+    flops_per_token: Callable[[Any, int], float]
+
+    def config(self, model_cfg) -> Any:
+        """The sub-config the mixer of this kind is built with."""
+        return self.config_cls.from_model(model_cfg)
+
+
+__all__ = ["HFTensor", "MixerSpec"]
