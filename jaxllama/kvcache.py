@@ -1,13 +1,19 @@
-"""KV-cache planner: bytes the decode cache of a model takes at a given context length.
+"""Cache planner: bytes the decode cache of a model takes at a given context length.
 
     python -m jaxllama.kvcache --config configs/models/cbhybrid-m-8b.yaml --seq-len 16384 \\
-        --memory-tokens 256:8
+        --memory-tokens 256:8 --baseline configs/models/llama3.1-8b.yaml
 
-prints, per layer kind, the entries each layer holds and the key/value bytes, then the total
-(METHODS section 6 reproduces exactly: Llama-3.1-8B 2.147 GB at 16K, CBHybrid-M 1.275 GB and
-CBHybrid-L 1.376 GB with memory tokens 256:8). A dense layer holds every position of the context;
-a lambda layer holds G sinks plus a window of L whatever the length. Key/value bytes are what the
-published figures count; the few bytes of bookkeeping (segment ids, lengths) are listed apart.
+The plan is `jax.eval_shape` of the model's own `init_cache`: nothing is allocated and no layer
+kind is described here, so a new kind's cache class is planned as soon as it exists. Each run's
+stacked cache is summed into its kind's row. Two splits of the same bytes are reported:
+
+- keys/values against bookkeeping: floating leaves (keys, values, or a recurrent kind's state)
+  against integer leaves (segment ids, lengths, slot counters). The key/value bytes are what the
+  published figures count (METHODS section 6 reproduces exactly: Llama-3.1-8B 2.147 GB at 16K,
+  CBHybrid-M 1.275 GB and CBHybrid-L 1.376 GB with memory tokens 256:8).
+- sequence-growing against constant: a leaf grows when its shape at a longer `max_len` differs
+  (the shapes are evaluated at two lengths), e.g. a dense layer's [B S K H] keys; a sliding-window
+  ring buffer or a recurrent state does not.
 
 With memory tokens E:M a context of N ordinary tokens is planned with floor(N / E) * M memory
 positions: the steady state of a conversation that keeps growing, where the M tokens follow each
@@ -22,85 +28,153 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from jaxllama.config import DTYPES, ConfigError, ModelConfig, load_model_config
 from jaxllama.memory_tokens import parse_memory_tokens
+from jaxllama.model import init_cache
 
 
 @dataclass(frozen=True)
 class KindPlan:
+    """Cache bytes of all layers of one kind, whole batch, split two ways (module docstring)."""
+
     kind: str
     layers: int
-    entries: int  # cache positions per layer and sequence
-    kv_bytes: int  # keys + values, all layers of this kind, whole batch
-    bookkeeping_bytes: int  # segment ids and length counters
+    kv_growing: int  # floating leaves whose shape grows with max_len
+    kv_constant: int
+    bookkeeping_growing: int  # integer leaves (segment ids per position, counters)
+    bookkeeping_constant: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_growing + self.kv_constant
+
+    @property
+    def bookkeeping_bytes(self) -> int:
+        return self.bookkeeping_growing + self.bookkeeping_constant
+
+    @property
+    def growing_bytes(self) -> int:
+        return self.kv_growing + self.bookkeeping_growing
+
+    @property
+    def constant_bytes(self) -> int:
+        return self.kv_constant + self.bookkeeping_constant
+
+    @property
+    def total_bytes(self) -> int:
+        return self.kv_bytes + self.bookkeeping_bytes
 
 
 @dataclass(frozen=True)
 class CachePlan:
-    positions: int  # ordinary tokens + memory tokens
+    positions: int  # ordinary tokens + memory tokens: the cache's max_len
     memory_tokens: int
-    kinds: tuple[KindPlan, ...]
+    kinds: tuple[KindPlan, ...]  # in order of first appearance in the layer pattern
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(k, name) for k in self.kinds)
 
     @property
     def kv_bytes(self) -> int:
-        return sum(k.kv_bytes for k in self.kinds)
+        return self._sum("kv_bytes")
 
     @property
     def bookkeeping_bytes(self) -> int:
-        return sum(k.bookkeeping_bytes for k in self.kinds)
+        return self._sum("bookkeeping_bytes")
 
+    @property
+    def growing_bytes(self) -> int:
+        return self._sum("growing_bytes")
 
-def cache_entries(cfg: ModelConfig, kind: str, positions: int) -> int:
-    """Cache positions one layer of `kind` holds for a context of `positions` tokens."""
-    if kind == "dense":
-        return positions
-    if kind == "lambda":
-        return cfg.lambda_.global_tokens + cfg.lambda_.window
-    raise ConfigError(f"layer_pattern: the planner has no cache formula for layer kind {kind!r}")
+    @property
+    def constant_bytes(self) -> int:
+        return self._sum("constant_bytes")
+
+    @property
+    def total_bytes(self) -> int:
+        return self._sum("total_bytes")
 
 
 def memory_positions(seq_len: int, memory_tokens: tuple[int, int] | None) -> int:
+    """Memory-token positions planned for `seq_len` ordinary tokens (module docstring)."""
     if memory_tokens is None:
         return 0
     episode, per_episode = memory_tokens
     return (seq_len // episode) * per_episode
 
 
+def cache_shapes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> tuple:
+    """`init_cache(cfg, batch, max_len, dtype)` as ShapeDtypeStructs: one stacked cache per run
+    of `cfg.runs` (leading axis = layer in the run), nothing allocated."""
+    return jax.eval_shape(lambda: init_cache(cfg, batch, max_len, dtype))
+
+
+def _nbytes(leaf) -> int:
+    return leaf.size * jnp.dtype(leaf.dtype).itemsize
+
+
 def plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str | None = None,
          memory_tokens: tuple[int, int] | None = None) -> CachePlan:
-    """Bytes of the decode cache `init_cache(cfg, batch, positions, dtype)` allocates."""
-    itemsize = jnp.dtype(dtype or cfg.dtype).itemsize
+    """Bytes of the decode cache `init_cache(cfg, batch, positions, dtype)` allocates for
+    `seq_len` ordinary tokens plus their memory tokens (cache dtype: the config's by default)."""
+    if seq_len <= 0 or batch <= 0:
+        raise ValueError(f"plan: seq_len and batch must be > 0, got {seq_len} and {batch}")
+    cache_dtype = jnp.dtype(dtype or cfg.dtype)
     extra = memory_positions(seq_len, memory_tokens)
     positions = seq_len + extra
-    att = cfg.attention
-    kinds = []
-    for kind in dict.fromkeys(cfg.layer_pattern):  # first-appearance order
-        layers = cfg.layer_pattern.count(kind)
-        entries = cache_entries(cfg, kind, positions)
-        kv = 2 * layers * batch * entries * att.num_kv_heads * att.head_dim * itemsize
-        # int32 segment id per entry and a length counter; lambda rows also keep their first slot
-        book = layers * (batch * entries * 4 + 4 + (batch * 4 if kind == "lambda" else 0))
-        kinds.append(KindPlan(kind, layers, entries, kv, book))
-    return CachePlan(positions, extra, tuple(kinds))
+    at = cache_shapes(cfg, batch, positions, cache_dtype)
+    # a leaf grows with the sequence iff its shape changes when max_len doubles
+    longer = cache_shapes(cfg, batch, 2 * positions, cache_dtype)
+    sums: dict[str, list[int]] = {}  # kind -> [layers, kv grow, kv const, book grow, book const]
+    for (kind, n), run, run_longer in zip(cfg.runs, at, longer, strict=True):
+        row = sums.setdefault(kind, [0, 0, 0, 0, 0])
+        row[0] += n
+        for leaf, leaf_longer in zip(jax.tree.leaves(run), jax.tree.leaves(run_longer),
+                                     strict=True):
+            floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+            grows = leaf.shape != leaf_longer.shape
+            row[1 + 2 * (not floating) + (not grows)] += _nbytes(leaf)
+    kinds = tuple(KindPlan(kind, *row) for kind, row in sums.items())
+    return CachePlan(positions, extra, kinds)
+
+
+def _gb(n: int) -> str:
+    return f"{n:,} B = {n / 1e9:.3f} GB"
 
 
 def format_plan(cfg: ModelConfig, p: CachePlan, seq_len: int, batch: int, dtype: str,
                 source: str) -> str:
+    """The table the CLI prints: per kind, key/value bytes per layer and in all, and the whole
+    cache (bookkeeping included) split into sequence-growing and constant bytes."""
     counts = ", ".join(f"{k.layers} {k.kind}" for k in p.kinds)
     lines = [f"config: {source} ({cfg.num_layers} layers: {counts})",
              (f"context: {seq_len:,} tokens + {p.memory_tokens:,} memory tokens = "
               f"{p.positions:,} positions; batch {batch}; cache dtype {dtype}"),
-             f"{'kind':<8}{'layers':>8}{'entries/layer':>15}{'bytes/layer':>16}{'bytes':>18}"]
+             (f"{'kind':<8}{'layers':>7}{'kv bytes/layer':>16}{'kv bytes':>16}"
+              f"{'growing bytes':>16}{'constant bytes':>16}")]
     for k in p.kinds:
-        per_layer = k.kv_bytes // k.layers
-        lines.append(f"{k.kind:<8}{k.layers:>8}{k.entries:>15,}{per_layer:>16,}{k.kv_bytes:>18,}")
-    lines.append(f"total keys/values: {p.kv_bytes:,} B = {p.kv_bytes / 1e9:.3f} GB "
-                 f"({p.kv_bytes / 2**30:.3f} GiB)")
+        lines.append(f"{k.kind:<8}{k.layers:>7}{k.kv_bytes // k.layers:>16,}{k.kv_bytes:>16,}"
+                     f"{k.growing_bytes:>16,}{k.constant_bytes:>16,}")
+    lines.append(f"total keys/values: {_gb(p.kv_bytes)} ({p.kv_bytes / 2**30:.3f} GiB)")
     lines.append(f"bookkeeping (segment ids, lengths): {p.bookkeeping_bytes:,} B; "
-                 f"allocated in all: {p.kv_bytes + p.bookkeeping_bytes:,} B")
+                 f"allocated in all: {p.total_bytes:,} B")
+    lines.append(f"whole cache, sequence-growing: {_gb(p.growing_bytes)}; "
+                 f"constant: {_gb(p.constant_bytes)}")
     return "\n".join(lines)
+
+
+def format_baseline(p: CachePlan, base: CachePlan, source: str) -> str:
+    """One line: the sequence-growing cache of `p` as a percent of `base`'s (planned at the same
+    context, memory tokens, batch and cache dtype)."""
+    if base.growing_bytes == 0:
+        raise ConfigError(f"--baseline {source}: its cache does not grow with the sequence, "
+                          "so there is nothing to take a percent of")
+    pct = 100 * p.growing_bytes / base.growing_bytes
+    return (f"baseline {source}: sequence-growing {_gb(base.growing_bytes)}; "
+            f"this model's sequence-growing cache is {pct:.2f}% of it")
 
 
 def load_config(path: str, overrides: list[str]) -> ModelConfig:
@@ -159,15 +233,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="M memory tokens after every E ordinary tokens, e.g. 256:8")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted config override, e.g. model.layer_pattern=lambda (repeatable)")
+    ap.add_argument("--baseline", default=None, metavar="CONFIG",
+                    help="also print the sequence-growing cache as a percent of this model's "
+                         "(same context, memory tokens, batch and cache dtype; no overrides)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.override)
         dtype = args.dtype or cfg.dtype
         p = plan(cfg, args.seq_len, args.batch, dtype, args.memory_tokens)
+        baseline = None
+        if args.baseline is not None:
+            base = plan(load_config(args.baseline, []), args.seq_len, args.batch, dtype,
+                        args.memory_tokens)
+            baseline = format_baseline(p, base, args.baseline)
     except (ConfigError, ValueError, OSError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
     print(format_plan(cfg, p, args.seq_len, args.batch, dtype, args.config))
+    if baseline is not None:
+        print(baseline)
     return 0
 
 

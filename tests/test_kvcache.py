@@ -1,5 +1,6 @@
-"""KV-cache planner: the published figures (METHODS 6), agreement with the caches the model
-really allocates, the CBHybrid presets under `jax.eval_shape`, and CLI errors."""
+"""Cache planner: the published figures (METHODS 6), the sequence-growing / constant split, the
+`--baseline` percent, agreement with the caches the model really allocates, the CBHybrid presets
+under `jax.eval_shape`, and CLI errors."""
 
 from pathlib import Path
 
@@ -55,11 +56,29 @@ def test_published_figures():
         2_147_483_648
     m = plan(preset("cbhybrid-m-8b"), 16384, memory_tokens=(256, 8))
     big = plan(preset("cbhybrid-l-8b"), 16384, memory_tokens=(256, 8))
-    assert m.positions == 16896
-    assert {k.kind: k.entries for k in m.kinds} == {"dense": 16896, "lambda": 8704}
+    assert m.positions == 16896 and m.memory_tokens == 512
+    # entries per layer at 4,096 key/value bytes each: dense 16,896 positions, lambda 8,192 + 512
+    assert {k.kind: (k.layers, k.kv_bytes // k.layers) for k in m.kinds} == \
+        {"dense": (4, 16896 * 4096), "lambda": (28, 8704 * 4096)}
     assert m.kv_bytes == (4 * 16896 + 28 * 8704) * 4096 == 1_275_068_416
     assert big.kv_bytes == (7 * 16896 + 25 * 8704) * 4096 == 1_375_731_712
     assert [round(p.kv_bytes / 1e9, 3) for p in (m, big)] == [1.275, 1.376]
+
+
+def test_growing_and_constant_split():
+    m = plan(preset("cbhybrid-m-8b"), 16384, memory_tokens=(256, 8))
+    kinds = {k.kind: k for k in m.kinds}
+    dense, lam = kinds["dense"], kinds["lambda"]
+    # dense: keys/values and a segment id per position grow; only the length counters do not
+    assert dense.kv_growing == dense.kv_bytes == 4 * 16896 * 4096 and dense.kv_constant == 0
+    assert dense.bookkeeping_growing == 4 * 16896 * 4 and dense.bookkeeping_constant == 4 * 4
+    # lambda: sinks + ring buffer, their segment ids, first slot and length: nothing grows
+    assert lam.growing_bytes == 0 and lam.kv_constant == 28 * 8704 * 4096
+    assert lam.bookkeeping_constant == 28 * (8704 * 4 + 4 + 4)
+    assert m.growing_bytes + m.constant_bytes == m.total_bytes == m.kv_bytes + m.bookkeeping_bytes
+    # twice the context: growing bytes double, constant bytes stay
+    twice = plan(preset("cbhybrid-m-8b"), 2 * 16384, memory_tokens=(256, 8))
+    assert twice.growing_bytes == 2 * m.growing_bytes and twice.constant_bytes == m.constant_bytes
 
 
 def test_cli_prints_figures(capsys):
@@ -72,11 +91,42 @@ def test_cli_prints_figures(capsys):
         assert "total keys/values: " in out and gb in out, out
 
 
+@pytest.mark.parametrize("name,baseline,memory,percent", [
+    ("cbhybrid-m-8b", "llama3.1-8b", [], "12.50%"),  # 4 of 32 layers grow
+    ("cbhybrid-l-8b", "llama3.1-8b", [], "21.88%"),  # 7 / 32 = 21.875 %
+    ("cbhybrid-l-8b", "cbhybrid-m-8b", ["--memory-tokens", "256:8"], "175.00%"),
+])
+def test_cli_baseline_percent(name, baseline, memory, percent, capsys):
+    assert main(["--config", str(PRESETS / f"{name}.yaml"), "--seq-len", "16384", *memory,
+                 "--baseline", str(PRESETS / f"{baseline}.yaml")]) == 0
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"baseline {PRESETS / baseline}.yaml: sequence-growing ") and \
+        last.endswith(f"sequence-growing cache is {percent} of it"), out
+
+
+def test_cli_baseline_that_does_not_grow(tmp_path, capsys):
+    flat = tmp_path / "all-lambda.yaml"
+    flat.write_text((PRESETS / "cbhybrid-m-8b.yaml").read_text().replace(
+        "dense: [0, 8, 16, 24]", "dense: []"))
+    assert main(["--config", str(PRESETS / "cbhybrid-m-8b.yaml"), "--seq-len", "16384",
+                 "--baseline", str(flat)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "does not grow" in captured.err, captured.err
+
+
 def small_cfg():
     return ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=48,
                        layer_pattern=("dense", "lambda", "lambda", "dense", "lambda"),
                        attention=AttentionConfig(num_heads=4, num_kv_heads=2, head_dim=6),
                        lambda_=LambdaConfig(global_tokens=3, window=7))
+
+
+def growing_bytes_allocated(a, b):
+    """Bytes of the leaves of two allocated caches whose shapes differ (grew with max_len)."""
+    return sum(cache_bytes(x) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+               if x.shape != y.shape)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -86,12 +136,20 @@ def test_planner_matches_allocated_cache(dtype):
     assert p.positions == 44
     cache = init_cache(cfg, 3, p.positions, jnp.dtype(dtype))
     assert kv_bytes(cache) == p.kv_bytes
-    assert cache_bytes(cache) == p.kv_bytes + p.bookkeeping_bytes
+    assert cache_bytes(cache) == p.kv_bytes + p.bookkeeping_bytes == p.total_bytes
     # lambda layers do not grow with the context, dense layers do
     longer = plan(cfg, 400, batch=3, dtype=dtype)
     lam = {k.kind: k for k in longer.kinds}["lambda"]
     assert lam.kv_bytes == {k.kind: k for k in p.kinds}["lambda"].kv_bytes
-    assert kv_bytes(init_cache(cfg, 3, longer.positions, jnp.dtype(dtype))) == longer.kv_bytes
+    long_cache = init_cache(cfg, 3, longer.positions, jnp.dtype(dtype))
+    assert kv_bytes(long_cache) == longer.kv_bytes
+    # the split against real arrays: what grew between the two allocations, and what stayed
+    assert cache_bytes(long_cache) - cache_bytes(cache) == \
+        longer.growing_bytes - p.growing_bytes > 0
+    assert growing_bytes_allocated(cache, long_cache) == p.growing_bytes
+    assert growing_bytes_allocated(long_cache, cache) == longer.growing_bytes
+    assert longer.constant_bytes == p.constant_bytes > 0
+    assert p.growing_bytes * longer.positions == longer.growing_bytes * p.positions  # linear
 
 
 @pytest.mark.parametrize("name", ["cbhybrid-m-8b", "cbhybrid-l-8b"])
@@ -123,6 +181,7 @@ def test_presets_eval_shape(name):
     (["--config", "{m}", "--seq-len", "10", "--dtype", "int8"], "--dtype"),
     (["--config", "missing.yaml", "--seq-len", "10"], "missing.yaml"),
     (["--config", "{m}", "--seq-len", "10", "--override", "model.nope=1"], "model.nope"),
+    (["--config", "{m}", "--seq-len", "10", "--baseline", "missing.yaml"], "missing.yaml"),
 ])
 def test_cli_errors(args, needle, capsys):
     args = [a.format(m=PRESETS / "cbhybrid-m-8b.yaml") for a in args]
