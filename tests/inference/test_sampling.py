@@ -58,14 +58,28 @@ def test_top_p_only_picks_the_nucleus():
 
 
 def test_top_k_then_top_p():
+    """top-k first, then the nucleus of the renormalized k: every kept token is drawn about as
+    often as its renormalized probability, and nothing outside the kept set is ever drawn (so a
+    sampler that returns the argmax, or that skips either filter, fails)."""
+    temperature, n = 2.5, 2000
     logits = _logits(3)
-    got = _draw(logits, SamplingConfig(temperature=1.0, top_k=8, top_p=0.7), 300)
+    got = _draw(logits, SamplingConfig(temperature=temperature, top_k=8, top_p=0.7), n)
     for b in range(logits.shape[0]):
-        row = np.asarray(logits[b])
+        row = np.asarray(logits[b], np.float64) / temperature
         top8 = np.argsort(-row)[:8]
         masked = np.full(V, -np.inf)
         masked[top8] = row[top8]
-        assert set(got[:, b]) <= _nucleus(masked, 0.7)
+        kept = sorted(_nucleus(masked, 0.7))
+        # both filters bite on these logits: top-p keeps fewer than the 8, and without top-k
+        # first the nucleus of the whole row would be larger
+        assert 1 < len(kept) < 8 and len(_nucleus(row, 0.7)) > len(kept)
+        p = np.exp(row[kept] - row[kept].max())
+        p /= p.sum()
+        freq = np.bincount(got[:, b], minlength=V) / n
+        assert freq[np.setdiff1d(np.arange(V), kept)].sum() == 0  # never outside the kept set
+        # each kept token's frequency within 4.5 binomial standard deviations of its probability
+        bound = 4.5 * np.sqrt(p * (1 - p) / n) + 1 / n
+        assert (np.abs(freq[kept] - p) <= bound).all(), (b, kept, freq[kept], p)
 
 
 def test_temperature_sharpens():
