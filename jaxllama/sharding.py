@@ -34,7 +34,9 @@ MESH_AXES = ("data", "fsdp", "tensor", "seq")
 # Device-grid order: tensor innermost (the most traffic), then seq (ring neighbours), fsdp, data.
 _GRID_ORDER = ("data", "fsdp", "seq", "tensor")
 
-# logical name -> mesh axis (or tuple of axes, or None = replicated)
+# logical name -> mesh axis (or tuple of axes, or None = replicated). Every name here is named by
+# a parameter, a cache's logical axes or a `constrain` call; a new layer kind adds the names its
+# weights and caches use. A name missing from the table is replicated.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("seq", "seq"),
@@ -42,14 +44,11 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("act_embed", None),
     ("mlp", "tensor"),
-    ("act_mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
     ("head_dim", None),
     ("vocab", "tensor"),
-    ("act_vocab", "tensor"),
     ("norm", None),
     ("layers", None),
 )
