@@ -17,7 +17,8 @@ stacked cache is summed into its kind's row. Two splits of the same bytes are re
 
 With memory tokens E:M a context of N ordinary tokens is planned with floor(N / E) * M memory
 positions: the steady state of a conversation that keeps growing, where the M tokens follow each
-completed episode (`insert_memory_tokens` on a finished text omits the block after its last episode).
+completed episode (`insert_memory_tokens` on a finished text omits the block after its last
+episode).
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Logical axis names, the one rules table mapping them to mesh axes, `make_mesh`, `constrain`.
 
-Model code names logical axes only ("batch", "embed", "heads", ...); only this file knows the mesh
-axes `data`, `fsdp`, `tensor`, `seq`. Parameters, optimizer state (which mirrors the parameters),
-activations and caches all go through `RULES`:
+Model code names logical axes only ("batch", "embed", "q_heads", ...); only this file knows the
+mesh axes `data`, `fsdp`, `tensor`, `seq`. Parameters, optimizer state (which mirrors the
+parameters), activations and caches all go through `RULES`:
 
 - parameters: `nn.with_logical_partitioning` metadata -> `param_shardings` (boxed `init` output);
-- optimizer state: `opt_state_shardings` maps each parameter-shaped leaf to its parameter's sharding;
+- optimizer state: `opt_state_shardings` maps each parameter-shaped leaf to its parameter's
+  sharding;
 - activations: `constrain(x, ("batch", "seq", "act_embed"))` inside `use_mesh(mesh)`;
 - caches: `axes_shardings(jaxllama.model.cache_logical_axes(cfg), mesh)`.
 
