@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,16 +130,18 @@ def plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str | None = Non
     at = cache_shapes(cfg, batch, positions, cache_dtype)
     # a leaf grows with the sequence iff its shape changes when max_len doubles
     longer = cache_shapes(cfg, batch, 2 * positions, cache_dtype)
-    sums: dict[str, list[int]] = {}  # kind -> [layers, kv grow, kv const, book grow, book const]
+    layers: dict[str, int] = {}
+    split: dict[str, Counter] = {}  # kind -> {(floating, grows): bytes}
     for (kind, n), run, run_longer in zip(cfg.runs, at, longer, strict=True):
-        row = sums.setdefault(kind, [0, 0, 0, 0, 0])
-        row[0] += n
+        layers[kind] = layers.get(kind, 0) + n
+        counts = split.setdefault(kind, Counter())
         for leaf, leaf_longer in zip(jax.tree.leaves(run), jax.tree.leaves(run_longer),
                                      strict=True):
-            floating = jnp.issubdtype(leaf.dtype, jnp.floating)
-            grows = leaf.shape != leaf_longer.shape
-            row[1 + 2 * (not floating) + (not grows)] += _nbytes(leaf)
-    kinds = tuple(KindPlan(kind, *row) for kind, row in sums.items())
+            floating = bool(jnp.issubdtype(leaf.dtype, jnp.floating))
+            counts[floating, leaf.shape != leaf_longer.shape] += _nbytes(leaf)
+    kinds = tuple(KindPlan(kind, layers[kind], kv_growing=c[True, True], kv_constant=c[True, False],
+                           bookkeeping_growing=c[False, True], bookkeeping_constant=c[False, False])
+                  for kind, c in split.items())
     return CachePlan(positions, extra, kinds)
 
 
