@@ -321,7 +321,7 @@ def test_value_head_dim_differs_from_key_head_dim():
     """out takes the value head dim: [B T N U] from v [B S K U], here U = 3 != H = 8."""
     q, k, _ = _tiny()
     v = fresh_normal(6, [(1, 4, 1, 3)], "float32")[0]
-    out = attend(q, k, v, Mask(), implementation="xla")
+    out = jax.jit(lambda q, k, v: attend(q, k, v, Mask(), implementation="xla"))(q, k, v)
     assert out.shape == (1, 4, 2, 3)
     want, _ = reference.attend_naive(q, k, v, Mask())
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
