@@ -50,6 +50,8 @@ class Mask:
 class ExtraColumns:
     """M extra key columns: k [B M K H], v [B M K U], their `visibility` (one of VISIBILITIES), own
     queries q [B T N H] (None: the ordinary q) and segment ids [B M] int32 (None: no segment test).
+    K, H and U are those of the ordinary keys and values; the caller casts k, v to the query dtype
+    (as the dense cache is cast on read), so a FoT memory kept in `mem_dtype` is cast by its layer.
     """
 
     k: Any

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax import export
 from jaxllama.kernels import _dispatch
+from jaxllama.kernels._common import merge_partials
 from jaxllama.kernels.flash_attention import reference
 from jaxllama.kernels.flash_attention.api import (
     ALWAYS,
@@ -325,6 +326,24 @@ def test_value_head_dim_differs_from_key_head_dim():
     assert out.shape == (1, 4, 2, 3)
     want, _ = reference.attend_naive(q, k, v, Mask())
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_merge_partials_is_attention_over_the_union():
+    """Two disjoint key sets merged by log-sum-exp == one softmax over both; a row that sees
+    nothing in one set takes the other's result, and in neither gets output 0 and lse -inf."""
+    q, k, v = fresh_normal(7, [(1, 3, 2, 8), (1, 6, 1, 8), (1, 6, 1, 5)], "float32")
+    seg_q = jnp.array([[1, 2, 3]], jnp.int32)
+    seg_k = jnp.array([[1, 1, 2, 2, 1, 1]], jnp.int32)  # segment 3 sees no key; 2 only the first set
+    mask = lambda lo, hi: Mask(causal=False, q_segment_ids=seg_q, kv_segment_ids=seg_k[:, lo:hi])
+    want, want_lse = reference.attend_naive(q, k, v, mask(0, 6))
+    a = reference.attend_naive(q, k[:, :4], v[:, :4], mask(0, 4))
+    b = reference.attend_naive(q, k[:, 4:], v[:, 4:], mask(4, 6))
+    out, lse = merge_partials(*a, *b)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(np.asarray(want_lse)))
+    assert np.isinf(np.asarray(b[1])[0, :, 1]).all() and np.isinf(np.asarray(lse)[0, :, 2]).all()
+    seen = np.isfinite(np.asarray(want_lse))
+    np.testing.assert_allclose(np.asarray(lse)[seen], np.asarray(want_lse)[seen], rtol=1e-6)
 
 
 def test_assert_kernel_ran_tells_kernel_from_fallback():
