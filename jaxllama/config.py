@@ -121,14 +121,17 @@ class KernelConfig:
     """Which implementation runs each op, and how the layer loop is compiled."""
 
     attention: str = "xla"  # auto | xla | pallas_interpret | pallas_gpu | pallas_tpu
+    ssm_scan: str = "xla"  # the same names, for the selective-scan op (kernels/ssm_scan)
     scan_layers: bool = True  # scan over runs of identical layers: compile time flat in depth
     remat: str = "none"  # none | full | dots (checkpoint policy for training)
     # none | ring | allgather: how training attention (no cache) spans the `seq` mesh axis
     context_parallel: str = "none"
 
     def __post_init__(self):
-        _check(self.attention in IMPLEMENTATIONS, "kernels.attention",
-               f"{self.attention!r} is not one of {IMPLEMENTATIONS}")
+        for op in ("attention", "ssm_scan"):  # one field per kernel op
+            name = getattr(self, op)
+            _check(name in IMPLEMENTATIONS, f"kernels.{op}",
+                   f"{name!r} is not one of {IMPLEMENTATIONS}")
         _check(self.remat in ("none", "full", "dots"), "kernels.remat",
                f"{self.remat!r} is not one of none, full, dots")
         _check(self.context_parallel in ("none", "ring", "allgather"), "kernels.context_parallel",

@@ -2,8 +2,8 @@
 and XLA) and tokamax (when installed), forward and forward+backward, causal / sliding-window /
 lambda.
 
-Throughput counts only unmasked work: 4 * H flops per visible (query, key) pair per head forward
-(QK^T and PV), and 2.5x that backward (the FlashAttention convention), so a window or lambda mask is
+Throughput counts only unmasked work: 2 * (H + U) flops per visible (query, key) pair per head
+forward (QK^T and PV; 4 * H when the value head dim U equals H), and 2.5x that backward (the FlashAttention convention), so a window or lambda mask is
 not credited for the blocks it skips.
 
   python scripts/bench_attention.py              # GPU: T 4K, 16K, 64K, bf16, H 128, 32 q / 8 kv
@@ -26,7 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxllama.kernels.flash_attention.api import Mask, SinkInputs, attend
+from jaxllama.kernels.flash_attention.api import BEYOND_WINDOW, ExtraColumns, Mask, attend
 
 MASKS = ("causal", "window", "lambda")
 EXPLICIT_MASK_LIMIT = 16384  # T above this: no [T, T] mask for the lambda peers
@@ -61,8 +61,8 @@ def runners(kind: str, impl: str, args, t: int):
                 "lambda": Mask(causal=True, window=w)}[kind]
 
         def ours(q, k, v):
-            sink = SinkInputs(q=q, k=k[:, :g], v=v[:, :g]) if kind == "lambda" else None
-            return attend(q, k, v, mask, sink=sink, implementation=name)
+            sink = ExtraColumns(k[:, :g], v[:, :g], BEYOND_WINDOW) if kind == "lambda" else None
+            return attend(q, k, v, mask, extra=sink, implementation=name)
         return ours, None
     if impl == "tokamax":
         import tokamax
@@ -116,6 +116,8 @@ def parse_args(argv):
     p.add_argument("--heads", type=int, nargs=2, default=[32, 8] if gpu else [8, 2],
                    metavar=("N", "K"))
     p.add_argument("--head-dim", type=int, default=128 if gpu else 64)
+    p.add_argument("--value-dim", type=int, default=None,
+                   help="value head dim U (default: the head dim; MLA: 192/128 or 576/512)")
     p.add_argument("--window", type=int, default=4096 if gpu else 256)
     p.add_argument("--sinks", type=int, default=128 if gpu else 16)
     p.add_argument("--dtype", default="bfloat16" if gpu else "float32")
@@ -131,9 +133,10 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     (n, kh), h, b = args.heads, args.head_dim, args.batch
+    u = args.value_dim or h
     dt = jnp.dtype(args.dtype)
     print(f"# {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"B={b} N={n} K={kh} H={h} {dt.name}, window={args.window} sinks={args.sinks}")
+          f"B={b} N={n} K={kh} H={h} U={u} {dt.name}, window={args.window} sinks={args.sinks}")
     head = (f"{'mask':7} {'T':>6} {'implementation':16} {'fwd ms':>9} {'TFLOP/s':>8} "
             f"{'f+b ms':>9} {'TFLOP/s':>8} {'fwd tmp MiB':>11} {'f+b tmp MiB':>11} "
             f"{'ours/peer':>9}")
@@ -142,9 +145,9 @@ def main(argv=None) -> int:
     for t in args.seq:
         q = jnp.asarray(rng.standard_normal((b, t, n, h), np.float32), dt)
         k = jnp.asarray(rng.standard_normal((b, t, kh, h), np.float32), dt)
-        v = jnp.asarray(rng.standard_normal((b, t, kh, h), np.float32), dt)
+        v = jnp.asarray(rng.standard_normal((b, t, kh, u), np.float32), dt)
         for kind in args.masks:
-            fwd_flops = 4 * h * visible_pairs(kind, t, args.window, args.sinks) * n * b
+            fwd_flops = 2 * (h + u) * visible_pairs(kind, t, args.window, args.sinks) * n * b
             ours_time = None
             for impl in args.peers:
                 fn, why = runners(kind, impl, args, t)

@@ -6,8 +6,8 @@ Query at position i, key at position j (G sink tokens, window L, distance ceilin
   - otherwise masked. One softmax over the union.
 
 Both branches go through one `attend` call: the window is the mask's `window=L` on ordinary columns,
-the far sinks are `SinkInputs` columns (query rotated to D against un-rotated keys, visible iff
-i - g >= L). Since only the first G and the last L keys are ever read, `LambdaCache` holds G
+the far sinks are `beyond_window` `ExtraColumns` (query rotated to D against un-rotated keys,
+visible iff i - g >= L). Since only the first G and the last L keys are ever read, `LambdaCache` holds G
 un-rotated sink keys/values and a ring buffer of the last L rotated keys/values: its size does not
 depend on the sequence length. With a cache a call appends T >= 1 tokens (chunked prefill and
 one-token decode are one code path): the chunk attends to the ring buffer, to itself and to the
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxllama.config import LambdaAttentionConfig
-from jaxllama.kernels.flash_attention.api import Mask, SinkInputs, attend
+from jaxllama.kernels.flash_attention.api import BEYOND_WINDOW, ExtraColumns, Mask, attend
 from jaxllama.layers.rope import apply_rope
 from jaxllama.mixers.attention import Attention, rope_for
 
@@ -159,18 +159,19 @@ class LambdaAttention(Attention):
         if cache is None and segment_ids is None:
             # sinks are the first G tokens of the row
             g = min(lam.global_tokens, x.shape[1])
-            sink = SinkInputs(q=q_d, k=k_0[:, :g], v=v[:, :g]) if g else None
-            out = attend(q, k, v, Mask(causal=True, window=lam.window), sink=sink,
+            sink = ExtraColumns(k_0[:, :g], v[:, :g], BEYOND_WINDOW, q=q_d) if g else None
+            out = attend(q, k, v, Mask(causal=True, window=lam.window), extra=sink,
                          implementation=impl)
         elif cache is None:
             # packed rows: every token is a sink column, active iff it is among the first G of its
             # segment; sink column t sits at slot t, so `i - t >= L` is the contract's own test.
             is_sink = segment_offsets(segment_ids) < lam.global_tokens
-            sink = SinkInputs(q=q_d, k=k_0, v=v, segment_ids=jnp.where(is_sink, segment_ids, -1))
+            sink = ExtraColumns(k_0, v, BEYOND_WINDOW, q=q_d,
+                                segment_ids=jnp.where(is_sink, segment_ids, -1))
             sink = sink if lam.global_tokens else None
             mask = Mask(causal=True, window=lam.window, q_segment_ids=segment_ids,
                         kv_segment_ids=segment_ids)
-            out = attend(q, k, v, mask, sink=sink, implementation=impl)
+            out = attend(q, k, v, mask, extra=sink, implementation=impl)
         else:
             if segment_ids is None:
                 segment_ids = jnp.ones(x.shape[:2], jnp.int32)
@@ -206,8 +207,8 @@ class LambdaAttention(Attention):
                         kv_segment_ids=kv_seg)
             sink = None
             if lam.global_tokens:
-                sink = SinkInputs(q=q_d, k=sink_k, v=sink_v, segment_ids=sink_seg)
-            return attend(q, keys, vals, mask, sink=sink, implementation=self.kernels.attention)
+                sink = ExtraColumns(sink_k, sink_v, BEYOND_WINDOW, q=q_d, segment_ids=sink_seg)
+            return attend(q, keys, vals, mask, extra=sink, implementation=self.kernels.attention)
 
         args = (q, keys, vals, segment_ids, kv_seg, q_d, sink_k, sink_v, cache.sink_segment_ids)
         if q.shape[0] == 1:

@@ -12,8 +12,8 @@ attention kernel api (`attend(..., return_lse=True)`):
 - source after r: the *second* local chunk against all source rows, fully visible (chunk r
   precedes both source chunks).
 
-Partial results merge by log-sum-exp (`out -= sigmoid(lse_b - lse) (out - out_b)`,
-`lse -= log_sigmoid(lse - lse_b)`). The backward (custom_vjp) runs a second ring that carries the
+Partial results merge by log-sum-exp with the kernels' shared `merge_partials` (the same merge
+`attend` uses for its extra key columns). The backward (custom_vjp) runs a second ring that carries the
 dK/dV accumulators with K/V; each block's gradients come from `jax.vjp` of the same `attend` call,
 with cotangents built from the final log-sum-exp (so kernels with their own backward are used).
 """
@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxllama.kernels._common import merge_partials
 from jaxllama.kernels.flash_attention.api import Mask, attend
 
 F32 = jnp.float32
@@ -43,13 +44,6 @@ def _block(q, k, v, q_seg, kv_seg, causal, impl, scale):
     out, lse = attend(q, k, v, _mask(causal, q_seg, kv_seg), scale=scale, implementation=impl,
                       return_lse=True)
     return out.astype(F32), lse  # [B T N H], [B N T]
-
-
-def _merge(out, lse, out_b, lse_b):
-    """Combine two normalised partial attentions by their log-sum-exps (lse_b may be -inf)."""
-    w = jax.nn.sigmoid(lse_b - lse)  # [B N T]
-    out = out - jnp.transpose(w, (0, 2, 1))[..., None] * (out - out_b)
-    return out, lse - jax.nn.log_sigmoid(lse - lse_b)
 
 
 def _rows_with_keys(q_seg, kv_seg):
@@ -99,7 +93,7 @@ def _forward(q, k, v, q_seg, kv_seg, axis_name, ways, impl, scale):
         k, v, kv_seg, out, lse = carry
         k, v, kv_seg = (_rotate(a, axis_name, ways) for a in (k, v, kv_seg))
         out_b, lse_b = jax.lax.cond(s <= r, before, after, k, v, kv_seg)
-        out, lse = _merge(out, lse, out_b, lse_b)
+        out, lse = merge_partials(out, lse, out_b, lse_b)
         return k, v, kv_seg, out, lse
 
     *_, out, lse = jax.lax.fori_loop(1, ways, step, (k, v, kv_seg, out, lse))

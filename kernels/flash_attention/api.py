@@ -1,46 +1,62 @@
-"""The only entry point for attention: `attend(q, k, v, mask, implementation=...)`."""
+"""The only entry point for attention: `attend(q, k, v, mask, extra=..., implementation=...)`.
+
+Registers the op `attention` with `_dispatch`: `auto` runs `pallas_gpu` on GPUs, `pallas_tpu` on
+TPUs and the blockwise jnp reference (`xla`) elsewhere; `pallas_interpret` runs the GPU kernel body
+in the Pallas interpreter (CPU tests).
+"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jaxllama.kernels import _dispatch
+from jaxllama.kernels._common import merge_partials
 from jaxllama.kernels._dispatch import IMPLEMENTATIONS, UnavailableImplementation
-from jaxllama.kernels.flash_attention import reference
 from jaxllama.kernels.flash_attention.mask import (
+    ALWAYS,
+    BEYOND_WINDOW,
+    VISIBILITIES,
     Columns,
+    ExtraColumns,
     Mask,
-    SinkInputs,
+    extra_columns,
     ordinary_columns,
-    sink_columns,
 )
-from jaxllama.kernels.flash_attention.reference import Aux, Static, merge_partials
+from jaxllama.kernels.flash_attention.reference import Aux, Static
 
 
-def _implementation(name: str):
-    """`fn(static, q, k, v, aux) -> (out, lse)` of a concrete implementation, and its options."""
-    if name == "xla":
-        return reference.attend_blockwise, ()
-    if name == "pallas_interpret":
+def _load_xla():
+    from jaxllama.kernels.flash_attention import reference
+
+    return reference.attend_blockwise, ()
+
+
+def _load_gpu(interpret: bool):
+    def load():
         from jaxllama.kernels.flash_attention import pallas_gpu
 
-        return pallas_gpu.attend_gpu, (("interpret", True),)
-    if name == "pallas_gpu":
-        from jaxllama.kernels.flash_attention import pallas_gpu
-
-        return pallas_gpu.attend_gpu, (("interpret", False),)
-    if name == "pallas_tpu":
-        from jaxllama.kernels.flash_attention import pallas_tpu
-
-        return pallas_tpu.attend_tpu, (("interpret", _dispatch.tpu_interpret_params()),)
-    raise AssertionError(name)
+        return pallas_gpu.attend_gpu, (("interpret", interpret),)
+    return load
 
 
-def _check(q, k, v, mask: Mask, sink: SinkInputs | None):
+def _load_tpu():
+    from jaxllama.kernels.flash_attention import pallas_tpu
+
+    return pallas_tpu.attend_tpu, (("interpret", _dispatch.tpu_interpret_params()),)
+
+
+_dispatch.register(
+    "attention", auto={"gpu": "pallas_gpu", "tpu": "pallas_tpu"},
+    implementations={"xla": _load_xla, "pallas_interpret": _load_gpu(True),
+                     "pallas_gpu": _load_gpu(False), "pallas_tpu": _load_tpu})
+
+
+def _check(q, k, v, mask: Mask, extra: ExtraColumns | None):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"attend: q, k, v must be [B T N H], [B S K H], [B S K H]; got shapes "
+        raise ValueError(f"attend: q, k, v must be [B T N H], [B S K H], [B S K U]; got shapes "
                          f"{q.shape}, {k.shape}, {v.shape}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"attend: k {k.shape} and v {v.shape} do not match q {q.shape}")
+    if (k.shape[:3] != v.shape[:3] or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]):
+        raise ValueError(f"attend: k {k.shape} and v {v.shape} do not match q {q.shape} "
+                         "(need q [B T N H], k [B S K H], v [B S K U])")
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"attend: needs at least one query and one key, got q {q.shape}, "
                          f"k {k.shape}")
@@ -49,10 +65,26 @@ def _check(q, k, v, mask: Mask, sink: SinkInputs | None):
                          "key/value heads")
     if mask.window is not None and mask.window < 1:
         raise ValueError(f"attend: mask.window must be >= 1, got {mask.window}")
-    if sink is not None and (sink.q.shape != q.shape or sink.k.shape != sink.v.shape
-                             or sink.k.shape[2:] != k.shape[2:]):
-        raise ValueError(f"attend: sink shapes q {sink.q.shape}, k {sink.k.shape}, v "
-                         f"{sink.v.shape} do not match q {q.shape}, k {k.shape}")
+    if extra is None:
+        return
+    if extra.visibility not in VISIBILITIES:
+        raise ValueError(f"attend: extra.visibility {extra.visibility!r} is not one of "
+                         f"{VISIBILITIES}")
+    eq = q if extra.q is None else extra.q
+    b, m = extra.k.shape[:2] if extra.k.ndim == 4 else (None, None)
+    if (eq.shape != q.shape or extra.k.ndim != 4 or extra.v.ndim != 4
+            or extra.k.shape[2:] != k.shape[2:] or extra.v.shape[2:] != v.shape[2:]
+            or extra.v.shape[:2] != (b, m) or b != q.shape[0]):
+        raise ValueError(f"attend: extra columns q {None if extra.q is None else extra.q.shape}, "
+                         f"k {extra.k.shape}, v {extra.v.shape} do not match q {q.shape}, "
+                         f"k {k.shape}, v {v.shape} (need q [B T N H], k [B M K H], v [B M K U])")
+    if extra.segment_ids is not None:
+        if mask.q_segment_ids is None:
+            raise ValueError("attend: extra.segment_ids need mask.q_segment_ids (a query's "
+                             "segment decides which extra columns it sees)")
+        if extra.segment_ids.shape != (b, m):
+            raise ValueError(f"attend: extra.segment_ids {extra.segment_ids.shape} must be [B M] "
+                             f"= {(b, m)}")
 
 
 def _one_set(fn, options, cols: Columns, scale, out_dtype, q, k, v, q_offset, k_offset, qseg, kseg):
@@ -62,37 +94,42 @@ def _one_set(fn, options, cols: Columns, scale, out_dtype, q, k, v, q_offset, k_
     return fn(Static(cols, float(scale), jnp.dtype(out_dtype).name, options), q, k, v, aux)
 
 
-def attend(q, k, v, mask: Mask, *, sink: SinkInputs | None = None, scale: float | None = None,
+def attend(q, k, v, mask: Mask, *, extra: ExtraColumns | None = None, scale: float | None = None,
            implementation: str = "auto", return_lse: bool = False,
            block_sizes: tuple[int, int] | None = None):
-    """Attention of q [B T N H] over k, v [B S K H] (N a multiple of K) under `mask` (mask.py).
+    """Attention of q [B T N H] over k [B S K H], v [B S K U] (N a multiple of K; the value head
+    dim U may differ from H) under `mask`, plus the `extra` key columns (mask.py: lambda's sinks,
+    FoT's memory), one softmax over the union.
 
-    Returns out [B T N H] in q.dtype, and lse [B N T] float32 when `return_lse` (-inf, with output
-    0, for rows that see nothing). Differentiable in q, k, v, the sink inputs and the lse.
-    A named implementation never falls back: an unavailable one raises. `block_sizes`
-    (block_q, block_k) overrides the implementation's heuristics (tuning and tests).
+    Returns out [B T N U] in q.dtype, and lse [B N T] float32 when `return_lse` (-inf, with output
+    0, for rows that see nothing). Differentiable in q, k, v, the extra q, k, v and the lse.
+    The extra set runs as its own kernel call (k_offset 0: column g at position g) and is merged
+    by log-sum-exp, so its keys are never concatenated with the ordinary ones. A named
+    implementation never falls back: an unavailable one raises. `block_sizes` (block_q, block_k)
+    overrides the implementation's heuristics (tuning and tests).
     """
-    _check(q, k, v, mask, sink)
-    name = _dispatch.resolve(implementation)
-    fn, options = _implementation(name)
+    _check(q, k, v, mask, extra)
+    _, (fn, options) = _dispatch.implementation("attention", implementation)
     if block_sizes is not None:
         bq, bk = (int(x) for x in block_sizes)
         if bq < 1 or bk < 1:
             raise ValueError(f"attend: block_sizes must be positive, got {block_sizes}")
         options = (*options, ("blocks", (bq, bk)))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if sink is not None and sink.k.shape[1] == 0:
-        sink = None
+    if extra is not None and extra.k.shape[1] == 0:
+        extra = None
     qseg = mask.q_segment_ids
-    out_dtype = q.dtype if sink is None else jnp.float32
+    out_dtype = q.dtype if extra is None else jnp.float32
     out, lse = _one_set(fn, options, ordinary_columns(mask), scale, out_dtype, q, k, v,
                         mask.q_offset, mask.k_offset, qseg, mask.kv_segment_ids)
-    if sink is not None:
-        s_out, s_lse = _one_set(fn, options, sink_columns(mask, sink), scale, jnp.float32,
-                                sink.q, sink.k, sink.v, mask.q_offset, 0, qseg, sink.segment_ids)
-        out, lse = merge_partials(out, lse, s_out, s_lse)
+    if extra is not None:
+        eq = q if extra.q is None else extra.q
+        e_out, e_lse = _one_set(fn, options, extra_columns(mask, extra), scale, jnp.float32,
+                                eq, extra.k, extra.v, mask.q_offset, 0, qseg, extra.segment_ids)
+        out, lse = merge_partials(out, lse, e_out, e_lse)
     out = out.astype(q.dtype)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["IMPLEMENTATIONS", "Mask", "SinkInputs", "UnavailableImplementation", "attend"]
+__all__ = ["ALWAYS", "BEYOND_WINDOW", "IMPLEMENTATIONS", "ExtraColumns", "Mask",
+           "UnavailableImplementation", "attend"]

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from jaxllama.kernels._common import cdiv, round_up
+
 # Scores held per reference step, in elements per (batch, query head): 256 x 256 float32 = 256 KiB,
 # so a step's [B N 256 256] tile stays in cache; on a 2-core CPU 256 x 256 ran a causal T=2048
 # prefill (9 heads, head dim 64) about 1.5x faster forward and 1.9x faster forward+backward than
 # 512 x 512.
 REFERENCE_STEP_ELEMENTS = 256 * 256
 REFERENCE_MAX_BLOCK_Q = 256
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _pow2_at_least(x: int, floor: int) -> int:
@@ -34,8 +32,8 @@ def _pow2_at_least(x: int, floor: int) -> int:
 def _balanced(n: int, block: int, multiple: int = 1) -> int:
     """The smallest block (a multiple of `multiple`) that covers n in as many blocks as `block`."""
     if n <= block:
-        return _cdiv(n, multiple) * multiple
-    return _cdiv(_cdiv(n, _cdiv(n, block)), multiple) * multiple
+        return round_up(n, multiple)
+    return round_up(cdiv(n, cdiv(n, block)), multiple)
 
 
 def reference_blocks(t: int, s: int, window: int | None = None) -> tuple[int, int]:
@@ -44,7 +42,7 @@ def reference_blocks(t: int, s: int, window: int | None = None) -> tuple[int, in
     bq = _balanced(t, REFERENCE_MAX_BLOCK_Q)
     bk = max(REFERENCE_STEP_ELEMENTS // bq, 256)
     if window is not None:
-        bk = min(bk, max(_cdiv(window, 128) * 128, 256))
+        bk = min(bk, max(round_up(window, 128), 256))
     return bq, _balanced(s, bk)
 
 
@@ -55,14 +53,23 @@ class GpuBlocks(NamedTuple):
     num_stages: int
 
 
-def gpu_blocks(t: int, s: int, head_dim: int, backward: bool = False) -> GpuBlocks:
+def gpu_blocks(t: int, s: int, head_dim: int, value_dim: int | None = None,
+               backward: bool = False) -> GpuBlocks:
     """Triton tiles for an H100-class GPU: 128 x 64 forward, 64 x 64 backward (the backward holds
-    more live tiles per program); fewer queries than a block shrink the query tile (decode)."""
+    more live tiles per program); fewer queries than a block shrink the query tile (decode). Wide
+    heads (MLA: keys 192 or 576 wide, values 128 or 512) take smaller tiles, since the float32
+    accumulator [block_q, U] and the key tile [block_k, H] live in registers; these wide-head sizes
+    are a starting point, not yet measured on a GPU."""
+    wide = max(head_dim, value_dim or head_dim)
     bq = 64 if backward else 128
     bk = 64
+    if wide > 128:
+        bq = min(bq, 64)
+    if wide > 256:
+        bq, bk = min(bq, 32), 32
     bq = min(bq, _pow2_at_least(t, 16))
     bk = min(bk, _pow2_at_least(s, 16))
-    warps = 8 if head_dim > 64 and not backward else 4
+    warps = 8 if wide > 64 and not backward else 4
     return GpuBlocks(bq, bk, warps, 2 if backward else 3)
 
 
@@ -71,7 +78,19 @@ class TpuBlocks(NamedTuple):
     block_k: int
 
 
-def tpu_blocks(t: int, s: int) -> TpuBlocks:
-    """Query blocks of up to 512 rows (a multiple of 16: whole bfloat16 sublane tiles), key blocks
-    of up to 512 columns (a multiple of 128, the lane width)."""
-    return TpuBlocks(_balanced(t, 512, 16), _balanced(s, 512, 128))
+# VMEM held per forward step by the stacked query rows (G * block_q of them): the query tile, the
+# float32 accumulator and the score tile, [rows, H + U + block_k] at 4 bytes at most. Capped so a
+# group of many query heads over one kv head (MLA's absorbed decode: 128 heads, keys 576 wide)
+# still fits the default scoped VMEM.
+TPU_ROW_BYTES_BUDGET = 16 * 2**20
+
+
+def tpu_blocks(t: int, s: int, groups: int = 1, head_dim: int = 128,
+               value_dim: int | None = None) -> TpuBlocks:
+    """Query blocks of up to 512 rows (a multiple of 16: whole bfloat16 sublane tiles), fewer when
+    the G stacked heads would overflow `TPU_ROW_BYTES_BUDGET`; key blocks of up to 512 columns (a
+    multiple of 128, the lane width)."""
+    bk = _balanced(s, 512, 128)
+    per_row = 4 * (head_dim + (value_dim or head_dim) + bk)
+    max_bq = max(16, TPU_ROW_BYTES_BUDGET // (per_row * groups) // 16 * 16)
+    return TpuBlocks(_balanced(t, min(512, max_bq), 16), bk)

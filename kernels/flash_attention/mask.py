@@ -7,14 +7,19 @@ A key column is visible to a query row iff all of:
   - causal:   k_pos <= q_pos                              (if `causal`)
   - window:   q_pos - k_pos < window                      (if `window` is not None)
   - segments: q_segment_ids[b, t] == kv_segment_ids[b, s] (if both given)
-except that the first `memory_prefix` key columns are visible to every query (FoT memory keys),
-subject only to segment ids.
 
-Lambda attention (LM-Infinite, METHODS section 5) adds G *sink columns* with their own inputs
-(`SinkInputs`): sink key g (position g) is scored with the sink query (the query rotated to the distance
-ceiling D) against the un-rotated sink key, and is visible iff q_pos - g >= window (and segments match,
-with `sink_segment_ids`); inside the window the same token is seen through its ordinary column.
-One softmax runs over the union of ordinary and sink columns.
+Extra key columns (`ExtraColumns`): one more set of M columns with their own keys k [B M K H],
+values v [B M K U], optionally their own queries (q [B T N H]: each query row scores them with its
+own query vector) and segment ids [B M], and one visibility rule:
+  - `beyond_window` (lambda attention's far sinks, LM-Infinite, METHODS section 5): extra column g
+    sits at position g and is visible iff q_pos - g >= window (window None counts as 0); inside the
+    window the same token is seen through its ordinary column;
+  - `always` (FoT memory, METHODS section 7: "every written memory slot"): visible to every query,
+    subject only to segment ids; unwritten slots carry a segment id no query has (0 or -1).
+Extra segment ids need `q_segment_ids` (a query's segment decides which extra columns it sees).
+One softmax runs over the union of ordinary and extra columns: `api.attend` computes each set on
+its own and merges them by log-sum-exp (`_common.merge_partials`), so extra keys are never
+concatenated with the ordinary keys.
 """
 
 from __future__ import annotations
@@ -24,13 +29,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jaxllama.kernels._common import cdiv
+
+BEYOND_WINDOW = "beyond_window"
+ALWAYS = "always"
+VISIBILITIES = (BEYOND_WINDOW, ALWAYS)
 
 
 @struct.dataclass
 class Mask:
     causal: bool = struct.field(pytree_node=False, default=True)
     window: int | None = struct.field(pytree_node=False, default=None)
-    memory_prefix: int = struct.field(pytree_node=False, default=0)
     q_offset: Any = 0
     k_offset: Any = 0
     q_segment_ids: Any = None  # [B T] int32
@@ -38,13 +47,18 @@ class Mask:
 
 
 @struct.dataclass
-class SinkInputs:
-    """Extra sink columns of lambda attention: q [B T N H], k, v [B G K H]."""
+class ExtraColumns:
+    """M extra key columns: k [B M K H], v [B M K U], their `visibility` (one of VISIBILITIES), own
+    queries q [B T N H] (None: the ordinary q) and segment ids [B M] int32 (None: no segment test).
+    K, H and U are those of the ordinary keys and values; the caller casts k, v to the query dtype
+    (as the dense cache is cast on read), so a FoT memory kept in `mem_dtype` is cast by its layer.
+    """
 
-    q: Any
     k: Any
     v: Any
-    segment_ids: Any = None  # [B G] int32
+    visibility: str = struct.field(pytree_node=False)
+    q: Any = None
+    segment_ids: Any = None
 
 
 def dense_mask(mask: Mask, t: int, s: int) -> jax.Array:
@@ -56,57 +70,61 @@ def dense_mask(mask: Mask, t: int, s: int) -> jax.Array:
         ok &= k_pos <= q_pos
     if mask.window is not None:
         ok &= q_pos - k_pos < mask.window
-    if mask.memory_prefix:
-        ok |= jnp.arange(s)[None, :] < mask.memory_prefix
     ok = ok[None]
     if mask.q_segment_ids is not None and mask.kv_segment_ids is not None:
         ok = ok & (mask.q_segment_ids[:, :, None] == mask.kv_segment_ids[:, None, :])
     return ok
 
 
-def sink_mask(mask: Mask, sink: SinkInputs, t: int) -> jax.Array:
-    """Boolean visibility [B|1, T, G] of the sink columns."""
-    g = sink.k.shape[1]
-    q_pos = jnp.asarray(mask.q_offset) + jnp.arange(t)[:, None]
-    window = mask.window if mask.window is not None else 0
-    ok = (q_pos - jnp.arange(g)[None, :] >= window)[None]
-    if mask.q_segment_ids is not None and sink.segment_ids is not None:
-        ok = ok & (mask.q_segment_ids[:, :, None] == sink.segment_ids[:, None, :])
+def extra_mask(mask: Mask, extra: ExtraColumns, t: int) -> jax.Array:
+    """Boolean visibility [B|1, T, M] of the extra columns, from the definition above."""
+    m = extra.k.shape[1]
+    if extra.visibility == ALWAYS:
+        ok = jnp.ones((1, t, m), bool)
+    else:
+        q_pos = jnp.asarray(mask.q_offset) + jnp.arange(t)[:, None]
+        window = mask.window if mask.window is not None else 0
+        ok = (q_pos - jnp.arange(m)[None, :] >= window)[None]
+    if mask.q_segment_ids is not None and extra.segment_ids is not None:
+        ok = ok & (mask.q_segment_ids[:, :, None] == extra.segment_ids[:, None, :])
     return ok
 
 
 # ----------------------------------------------------------------------------- one column set
 # Every implementation computes attention over ONE set of key columns described by `Columns`;
-# `api.attend` runs the ordinary set and, for lambda attention, the sink set, then merges the two
-# by log-sum-exp. The sink test `q_pos - g >= window` is the causal test shifted by `window`, so one
-# rule (below) covers both sets and the kernels need no sink-specific code.
+# `api.attend` runs the ordinary set and, when given, the extra set, then merges the two by
+# log-sum-exp. The `beyond_window` test `q_pos - g >= window` is the causal test shifted by
+# `window`, and `always` is a non-causal set, so one rule (below) covers every set and the kernels
+# need no code specific to sinks or memory.
 
 
 class Columns(NamedTuple):
     """Static description of one key-column set.
 
-    Column s, at position `k_offset + s`, is visible from query position p iff
-      (not causal or k_pos <= p - shift) and (window is None or p - k_pos < window),
-    or s < memory_prefix; in both cases also s < kv_len and, when `segments`, equal segment ids.
+    Column s, at position `k_offset + s`, is visible from query position p iff s < kv_len and
+      (not causal or k_pos <= p - shift) and (window is None or p - k_pos < window)
+    and, when `segments`, the segment ids are equal.
     """
 
     causal: bool
     shift: int
     window: int | None
-    memory_prefix: int
     segments: bool
 
 
 def ordinary_columns(mask: Mask) -> Columns:
     segments = mask.q_segment_ids is not None and mask.kv_segment_ids is not None
-    return Columns(bool(mask.causal), 0, mask.window, int(mask.memory_prefix), segments)
+    return Columns(bool(mask.causal), 0, mask.window, segments)
 
 
-def sink_columns(mask: Mask, sink: SinkInputs) -> Columns:
-    """Sink g sits at position g (k_offset 0) and is visible iff q_pos - g >= window."""
+def extra_columns(mask: Mask, extra: ExtraColumns) -> Columns:
+    """`beyond_window`: column g at position g (k_offset 0), visible iff q_pos - g >= window;
+    `always`: every column visible (segments aside)."""
+    segments = mask.q_segment_ids is not None and extra.segment_ids is not None
+    if extra.visibility == ALWAYS:
+        return Columns(False, 0, None, segments)
     shift = mask.window if mask.window is not None else 0
-    segments = mask.q_segment_ids is not None and sink.segment_ids is not None
-    return Columns(True, shift, None, 0, segments)
+    return Columns(True, shift, None, segments)
 
 
 def visible(cols: Columns, q_pos, k_idx, k_offset, kv_len: int):
@@ -120,22 +138,15 @@ def visible(cols: Columns, q_pos, k_idx, k_offset, kv_len: int):
         ok = ok & (k_pos <= q_pos - cols.shift)
     if cols.window is not None:
         ok = ok & (q_pos - k_pos < cols.window)
-    if cols.memory_prefix:
-        ok = ok | (k_idx < min(cols.memory_prefix, kv_len))
     return ok
 
 
-def memory_blocks(cols: Columns, s: int, bk: int) -> int:
-    """Number of leading key blocks that hold memory-prefix columns (visible to every query)."""
-    return -(-min(cols.memory_prefix, s) // bk)
-
-
 def kv_block_ranges(cols: Columns, q_offset, k_offset, t: int, bq: int, s: int, bk: int):
-    """Per query block i: key blocks [lo_i, hi_i) that can hold a visible non-memory column.
+    """Per query block i: key blocks [lo_i, hi_i) that can hold a visible column.
 
-    Returns lo, hi int32 [nq]; the memory blocks [0, memory_blocks) come on top. Offsets may be
-    traced. Kernels visit `memory_blocks + hi - lo` blocks and skip the rest."""
-    nq, nk = -(-t // bq), -(-s // bk)
+    Returns lo, hi int32 [nq]. Offsets may be traced. Kernels visit `hi - lo` blocks (key block
+    lo + it at step it) and skip the rest."""
+    nq, nk = cdiv(t, bq), cdiv(s, bk)
     i = jnp.arange(nq, dtype=jnp.int32)
     p_min = q_offset + i * bq
     p_max = q_offset + jnp.minimum((i + 1) * bq, t) - 1
@@ -147,14 +158,14 @@ def kv_block_ranges(cols: Columns, q_offset, k_offset, t: int, bq: int, s: int, 
         s_lo = jnp.clip(p_min - cols.window + 1 - k_offset, 0, s)
     lo = s_lo // bk
     hi = jnp.where(s_hi > s_lo, (s_hi + bk - 1) // bk, lo)
-    lo = jnp.clip(lo, memory_blocks(cols, s, bk), nk)
+    lo = jnp.clip(lo, 0, nk)
     return lo.astype(jnp.int32), jnp.clip(hi, lo, nk).astype(jnp.int32)
 
 
 def q_block_ranges(cols: Columns, q_offset, k_offset, t: int, bq: int, s: int, bk: int):
     """Per key block j: query blocks [lo_j, hi_j) that can see one of its columns (the backward's
-    view of the same mask). Memory blocks are seen by every query block. int32 [nk] each."""
-    nq, nk = -(-t // bq), -(-s // bk)
+    view of the same mask). int32 [nk] each."""
+    nq, nk = cdiv(t, bq), cdiv(s, bk)
     j = jnp.arange(nk, dtype=jnp.int32)
     k_min = k_offset + j * bk
     k_max = k_offset + jnp.minimum((j + 1) * bk, s) - 1
@@ -166,21 +177,14 @@ def q_block_ranges(cols: Columns, q_offset, k_offset, t: int, bq: int, s: int, b
         t_hi = jnp.clip(k_max + cols.window - q_offset, 0, t)
     lo = t_lo // bq
     hi = jnp.where(t_hi > t_lo, (t_hi + bq - 1) // bq, lo)
-    mem = j < memory_blocks(cols, s, bk)
-    lo = jnp.where(mem, 0, jnp.clip(lo, 0, nq))
-    hi = jnp.where(mem, nq, jnp.clip(hi, lo, nq))
-    return lo.astype(jnp.int32), hi.astype(jnp.int32)
-
-
-def block_at(it, n_first, lo):
-    """The block visited at step `it`: the n_first leading blocks, then lo, lo + 1, ..."""
-    return jnp.where(it < n_first, it, lo + it - n_first)
+    lo = jnp.clip(lo, 0, nq)
+    return lo.astype(jnp.int32), jnp.clip(hi, lo, nq).astype(jnp.int32)
 
 
 def segment_ranges(ids, block: int):
     """Per-block min and max segment id, int32 [B, n] each, of ids [B, L] (edge-padded). Two blocks
     with disjoint [min, max] ranges share no segment, so a kernel may skip the pair."""
-    b, n = ids.shape[0], -(-ids.shape[1] // block)
+    b, n = ids.shape[0], cdiv(ids.shape[1], block)
     ids = jnp.pad(ids, ((0, 0), (0, n * block - ids.shape[1])), mode="edge")
     ids = ids.reshape(b, n, block)
     return jnp.min(ids, axis=-1).astype(jnp.int32), jnp.max(ids, axis=-1).astype(jnp.int32)

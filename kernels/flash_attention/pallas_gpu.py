@@ -14,13 +14,21 @@ backend lowers exactly the portable body below (jnp on blocks loaded from refs, 
 wgmma/TMA warp-specialized kernels (cuDNN, tokamax); reaching the issue's 640 TFLOP/s needs a
 Mosaic GPU kernel developed on the hardware. Not run on a GPU yet (none in the writing session).
 
-Layout: q [B T N H], k, v [B S K H] stay in HBM as given (padded to whole blocks; the head dim to a
-power of two). Forward and dq: one program per (batch, query head, query block) looping over the
-key blocks its query block can see (`mask.Tables`: memory blocks, then the causal/window band;
-offsets are traced scalars read from a table). dk/dv: one program per (batch, kv head, key block)
-looping over the G query heads of its group and the query blocks that see the key block, so GQA
-gradients need no atomics and no repeated K/V. Key blocks whose segment range is disjoint from the
-query block's are skipped with a `cond`.
+Layout: q [B T N H], k [B S K H], v [B S K U] stay in HBM as given, padded to whole blocks on the
+sequence axes. Head dims: Triton needs every loaded tile to have a power-of-two size (Pallas'
+Triton lowering rejects others) and `tl.dot` a contraction of at least 16, but not the array
+itself. So a head dim is padded only to a multiple of 16 (192, 576, 512 and 128 are not padded at
+all) and split into power-of-two pieces, largest first (`head_pieces`: 192 = 128 + 64, 576 =
+512 + 64); the kernels load, multiply and store piece by piece (scores are the sum of the pieces'
+products; the output accumulator is one tile per value piece). Padding 576 to the next power of
+two would have cost 78% more key bytes and multiply-adds.
+
+Forward and dq: one program per (batch, query head, query block) looping over the key blocks its
+query block can see (`mask.Tables`: the causal/window band; offsets are traced scalars read from a
+table). dk/dv: one program per (batch, kv head, key block) looping over the G query heads of its
+group and the query blocks that see the key block, so GQA gradients need no atomics and no
+repeated K/V. Key blocks whose segment range is disjoint from the query block's are skipped with a
+`cond`.
 """
 
 from __future__ import annotations
@@ -32,10 +40,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+from jaxllama.kernels._common import F32, NEG_INF, cdiv, pad_to, round_up
 from jaxllama.kernels.flash_attention import heuristics
-from jaxllama.kernels.flash_attention.mask import Tables, block_at, kernel_tables, visible
+from jaxllama.kernels.flash_attention.mask import Tables, kernel_tables, visible
 from jaxllama.kernels.flash_attention.reference import (
-    NEG_INF,
     Aux,
     Static,
     flash_attention_fn,
@@ -45,31 +53,47 @@ from jaxllama.kernels.flash_attention.reference import (
     softmax_step,
 )
 
-F32 = jnp.float32
 NT = (((1,), (1,)), ((), ()))  # a [R, H] x b [C, H] -> [R, C]
 TN = (((0,), (0,)), ((), ()))  # a [R, C] x b [R, H] -> [C, H]
 NN = (((1,), (0,)), ((), ()))  # a [R, C] x b [C, H] -> [R, H]
+MIN_DOT = 16  # tl.dot's smallest dimension
+
+
+def head_pieces(d: int) -> tuple[tuple[int, int], ...]:
+    """(offset, size) power-of-two pieces, largest first, covering d rounded up to MIN_DOT."""
+    dp, pieces, off = round_up(d, MIN_DOT), [], 0
+    for bit in reversed(range(dp.bit_length())):
+        if dp & (1 << bit):
+            pieces.append((off, 1 << bit))
+            off += 1 << bit
+    return tuple(pieces)
 
 
 def _dot(a, b, dims):
     return lax.dot_general(a, b, dims, preferred_element_type=F32)
 
 
-def _config(static: Static, t: int, s: int, h: int, backward: bool):
+def _load(ref, idx, pieces):
+    """The pieces of ref[*idx, :] along the last (head) axis: a tuple of power-of-two tiles."""
+    return tuple(ref[(*idx, pl.ds(off, size))] for off, size in pieces)
+
+
+def _store(ref, idx, tiles, pieces):
+    for (off, size), x in zip(pieces, tiles):
+        ref[(*idx, pl.ds(off, size))] = x.astype(ref.dtype)
+
+
+def _dot_pieces(a, b, dims):
+    """sum over pieces of a_i . b_i: a contraction over a split head axis."""
+    return functools.reduce(lambda x, y: x + y, (_dot(x, y, dims) for x, y in zip(a, b)))
+
+
+def _config(static: Static, t: int, s: int, h: int, u: int, backward: bool):
     opts = dict(static.options)
-    blocks = heuristics.gpu_blocks(t, s, h, backward)
+    blocks = heuristics.gpu_blocks(t, s, h, u, backward)
     if opts.get("blocks"):  # tests force small blocks to get many of them
         blocks = blocks._replace(block_q=opts["blocks"][0], block_k=opts["blocks"][1])
     return blocks, bool(opts.get("interpret", False))
-
-
-def _pad(x, sizes: dict[int, int]):
-    widths = [(0, sizes.get(a, x.shape[a]) - x.shape[a]) for a in range(x.ndim)]
-    return jnp.pad(x, widths) if any(w for _, w in widths) else x
-
-
-def _head_dim(h: int) -> int:
-    return max(16, 1 << (h - 1).bit_length())
 
 
 def _ok(cols, offs_ref, i, j, bq: int, bk: int, kv_len: int, qseg, kseg):
@@ -98,65 +122,70 @@ def _split(refs, n_out: int, segments: bool):
 
 
 # ----------------------------------------------------------------------------- kernels
+# hq, hu: the (offset, size) pieces of the key and value head dims (`head_pieces`).
 
 
 def _forward_kernel(lo_ref, hi_ref, offs_ref, q_ref, k_ref, v_ref, *refs, cols, scale, bq, bk,
-                    n_mem, kv_len):
+                    kv_len, hq, hu):
     segs, (o_ref, lse_ref) = _split(refs, 2, cols.segments)
     i = pl.program_id(2)
     lo = lo_ref[i]
-    q = q_ref[...]  # [bq, Hp]
+    q = _load(q_ref, (slice(None),), hq)  # pieces of [bq, H]
     qseg = None if segs is None else segs[0][...]
 
     def body(it, carry):
-        j = block_at(it, n_mem, lo)
+        j = lo + it
 
         def visit(carry):
-            k, v = k_ref[pl.ds(j * bk, bk), :], v_ref[pl.ds(j * bk, bk), :]  # [bk, Hp]
-            kseg = None if segs is None else segs[1][pl.ds(j * bk, bk)]
+            rows = pl.ds(j * bk, bk)
+            k, v = _load(k_ref, (rows,), hq), _load(v_ref, (rows,), hu)  # [bk, H], [bk, U]
+            kseg = None if segs is None else segs[1][rows]
             ok = _ok(cols, offs_ref, i, j, bq, bk, kv_len, qseg, kseg)
-            return softmax_step(*carry, _dot(q, k, NT) * scale, ok,
-                                lambda p: _dot(p.astype(v.dtype), v, NN))
+            pv = lambda p: tuple(_dot(p.astype(x.dtype), x, NN) for x in v)
+            return softmax_step(*carry, _dot_pieces(q, k, NT) * scale, ok, pv)
 
         return _skip_disjoint(None if segs is None else segs[2:], i, j, visit, carry)
 
     init = (jnp.full((bq, 1), NEG_INF, F32), jnp.zeros((bq, 1), F32),
-            jnp.zeros((bq, q.shape[-1]), F32))
-    out, lse = softmax_finish(*lax.fori_loop(0, n_mem + hi_ref[i] - lo, body, init))
-    o_ref[...] = out.astype(o_ref.dtype)
+            tuple(jnp.zeros((bq, size), F32) for _, size in hu))
+    out, lse = softmax_finish(*lax.fori_loop(0, hi_ref[i] - lo, body, init))
+    _store(o_ref, (slice(None),), out, hu)
     lse_ref[...] = lse.reshape(bq)
 
 
 def _dq_kernel(lo_ref, hi_ref, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               cols, scale, bq, bk, n_mem, kv_len):
+               cols, scale, bq, bk, kv_len, hq, hu):
     segs, (dq_ref,) = _split(refs, 1, cols.segments)
     i = pl.program_id(2)
     lo = lo_ref[i]
-    q, do = q_ref[...], do_ref[...]
+    q, do = _load(q_ref, (slice(None),), hq), _load(do_ref, (slice(None),), hu)
     lse, delta = lse_ref[...].reshape(bq, 1), delta_ref[...].reshape(bq, 1)
     qseg = None if segs is None else segs[0][...]
 
     def body(it, dq):
-        j = block_at(it, n_mem, lo)
+        j = lo + it
 
         def visit(dq):
-            k, v = k_ref[pl.ds(j * bk, bk), :], v_ref[pl.ds(j * bk, bk), :]
-            kseg = None if segs is None else segs[1][pl.ds(j * bk, bk)]
+            rows = pl.ds(j * bk, bk)
+            k, v = _load(k_ref, (rows,), hq), _load(v_ref, (rows,), hu)
+            kseg = None if segs is None else segs[1][rows]
             ok = _ok(cols, offs_ref, i, j, bq, bk, kv_len, qseg, kseg)
-            _, ds = probs_and_dscores(_dot(q, k, NT) * scale, ok, lse, _dot(do, v, NT), delta)
-            return dq + _dot(ds.astype(k.dtype), k, NN)
+            _, ds = probs_and_dscores(_dot_pieces(q, k, NT) * scale, ok, lse,
+                                      _dot_pieces(do, v, NT), delta)
+            return tuple(a + _dot(ds.astype(x.dtype), x, NN) for a, x in zip(dq, k))
 
         return _skip_disjoint(None if segs is None else segs[2:], i, j, visit, dq)
 
-    dq = lax.fori_loop(0, n_mem + hi_ref[i] - lo, body, jnp.zeros(q.shape, F32))
-    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    init = tuple(jnp.zeros((bq, size), F32) for _, size in hq)
+    dq = lax.fori_loop(0, hi_ref[i] - lo, body, init)
+    _store(dq_ref, (slice(None),), tuple(x * scale for x in dq), hq)
 
 
 def _dkv_kernel(lo_ref, hi_ref, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                cols, scale, bq, bk, groups, kv_len):
+                cols, scale, bq, bk, groups, kv_len, hq, hu):
     segs, (dk_ref, dv_ref) = _split(refs, 2, cols.segments)
     j = pl.program_id(2)
-    k, v = k_ref[...], v_ref[...]  # [bk, Hp]
+    k, v = _load(k_ref, (slice(None),), hq), _load(v_ref, (slice(None),), hu)  # [bk, H], [bk, U]
     kseg = None if segs is None else segs[1][...]
 
     def head(g, carry):
@@ -164,22 +193,23 @@ def _dkv_kernel(lo_ref, hi_ref, offs_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
             def visit(carry):
                 dk, dv = carry
                 rows = pl.ds(i * bq, bq)
-                q, do = q_ref[rows, g, :], do_ref[rows, g, :]  # [bq, Hp]
+                q, do = _load(q_ref, (rows, g), hq), _load(do_ref, (rows, g), hu)
                 lse, delta = lse_ref[g, rows].reshape(bq, 1), delta_ref[g, rows].reshape(bq, 1)
                 qseg = None if segs is None else segs[0][rows]
                 ok = _ok(cols, offs_ref, i, j, bq, bk, kv_len, qseg, kseg)
-                p, ds = probs_and_dscores(_dot(q, k, NT) * scale, ok, lse, _dot(do, v, NT), delta)
-                return (dk + _dot(ds.astype(q.dtype), q, TN),
-                        dv + _dot(p.astype(do.dtype), do, TN))
+                p, ds = probs_and_dscores(_dot_pieces(q, k, NT) * scale, ok, lse,
+                                          _dot_pieces(do, v, NT), delta)
+                return (tuple(a + _dot(ds.astype(x.dtype), x, TN) for a, x in zip(dk, q)),
+                        tuple(a + _dot(p.astype(x.dtype), x, TN) for a, x in zip(dv, do)))
 
             return _skip_disjoint(None if segs is None else segs[2:], i, j, visit, carry)
 
         return lax.fori_loop(lo_ref[j], hi_ref[j], body, carry)
 
-    zeros = jnp.zeros(k.shape, F32)
-    dk, dv = lax.fori_loop(0, groups, head, (zeros, zeros))
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    zeros = lambda pieces: tuple(jnp.zeros((bk, size), F32) for _, size in pieces)
+    dk, dv = lax.fori_loop(0, groups, head, (zeros(hq), zeros(hu)))
+    _store(dk_ref, (slice(None),), tuple(x * scale for x in dk), hq)
+    _store(dv_ref, (slice(None),), dv, hu)
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -190,8 +220,8 @@ def _segment_inputs(tables: Tables, aux: Aux, tp: int, sp: int, q_spec, k_spec):
     ranges whole)."""
     if tables.q_seg is None:
         return [], []
-    qseg = _pad(aux.q_segment_ids, {1: tp})
-    kseg = _pad(aux.kv_segment_ids, {1: sp})
+    qseg = pad_to(aux.q_segment_ids, {1: tp})
+    kseg = pad_to(aux.kv_segment_ids, {1: sp})
     (qmin, qmax), (kmin, kmax) = tables.q_seg, tables.kv_seg
     full = lambda x: pl.BlockSpec((None, x.shape[1]), lambda b, *_: (b, 0))
     ranges = (qmin, qmax, kmin, kmax)
@@ -202,89 +232,107 @@ def _table_specs(*arrays):
     return [pl.BlockSpec(a.shape, lambda *_, n=a.ndim: (0,) * n) for a in arrays]
 
 
+class _Geometry:
+    """Static sizes of one call: blocks, padded lengths, head pieces (hp, up: padded head dims)."""
+
+    def __init__(self, static: Static, q, k, v, backward: bool):
+        self.b, self.t, self.n, self.h = q.shape
+        self.s, self.kh, self.u = k.shape[1], k.shape[2], v.shape[3]
+        self.blocks, self.interpret = _config(static, self.t, self.s, self.h, self.u, backward)
+        self.bq, self.bk = self.blocks.block_q, self.blocks.block_k
+        self.nq, self.nk = cdiv(self.t, self.bq), cdiv(self.s, self.bk)
+        self.tp, self.sp, self.g = self.nq * self.bq, self.nk * self.bk, self.n // self.kh
+        self.hq, self.hu = head_pieces(self.h), head_pieces(self.u)
+        self.hp, self.up = round_up(self.h, MIN_DOT), round_up(self.u, MIN_DOT)
+        self.params = pltriton.CompilerParams(num_warps=self.blocks.num_warps,
+                                              num_stages=self.blocks.num_stages)
+
+
+def _tables(static: Static, aux: Aux, geo: _Geometry) -> Tables:
+    return kernel_tables(static.cols, aux.q_offset, aux.k_offset, aux.q_segment_ids,
+                         aux.kv_segment_ids, geo.t, geo.bq, geo.s, geo.bk)
+
+
 def _gpu_forward(static: Static, q, k, v, aux: Aux):
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    blocks, interpret = _config(static, t, s, h, backward=False)
-    bq, bk = blocks.block_q, blocks.block_k
-    nq, nk, hp = -(-t // bq), -(-s // bk), _head_dim(h)
-    tp, sp, g = nq * bq, nk * bk, n // kh
-    tab = kernel_tables(static.cols, aux.q_offset, aux.k_offset, aux.q_segment_ids,
-                        aux.kv_segment_ids, t, bq, s, bk)
-    qp, kp, vp = _pad(q, {1: tp, 3: hp}), _pad(k, {1: sp, 3: hp}), _pad(v, {1: sp, 3: hp})
-    q_spec = pl.BlockSpec((None, bq, None, hp), lambda b_, n_, i: (b_, i, n_, 0))
-    kv_spec = pl.BlockSpec((None, sp, None, hp), lambda b_, n_, i: (b_, 0, lax.div(n_, g), 0))
+    geo = _Geometry(static, q, k, v, backward=False)
+    b, n, bq, tp, sp, g = geo.b, geo.n, geo.bq, geo.tp, geo.sp, geo.g
+    tab = _tables(static, aux, geo)
+    qp, kp = pad_to(q, {1: tp, 3: geo.hp}), pad_to(k, {1: sp, 3: geo.hp})
+    vp = pad_to(v, {1: sp, 3: geo.up})
+    q_spec = pl.BlockSpec((None, bq, None, geo.hp), lambda b_, n_, i: (b_, i, n_, 0))
+    o_spec = pl.BlockSpec((None, bq, None, geo.up), lambda b_, n_, i: (b_, i, n_, 0))
+    kv_map = lambda b_, n_, i: (b_, 0, lax.div(n_, g), 0)
+    k_spec = pl.BlockSpec((None, sp, None, geo.hp), kv_map)
+    v_spec = pl.BlockSpec((None, sp, None, geo.up), kv_map)
     seg_in, seg_specs = _segment_inputs(
         tab, aux, tp, sp, pl.BlockSpec((None, bq), lambda b_, n_, i: (b_, i)),
         pl.BlockSpec((None, sp), lambda b_, n_, i: (b_, 0)))
-    kernel = functools.partial(
-        _forward_kernel, cols=static.cols, scale=static.scale, bq=bq, bk=bk,
-        n_mem=-(-min(static.cols.memory_prefix, s) // bk), kv_len=s)
+    kernel = functools.partial(_forward_kernel, cols=static.cols, scale=static.scale, bq=bq,
+                               bk=geo.bk, kv_len=geo.s, hq=geo.hq, hu=geo.hu)
     out, lse = pl.pallas_call(
-        kernel, grid=(b, n, nq),
-        in_specs=_table_specs(tab.kv_lo, tab.kv_hi, tab.offsets) + [q_spec, kv_spec, kv_spec]
+        kernel, grid=(b, n, geo.nq),
+        in_specs=_table_specs(tab.kv_lo, tab.kv_hi, tab.offsets) + [q_spec, k_spec, v_spec]
         + seg_specs,
-        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda b_, n_, i: (b_, n_, i))],
-        out_shape=[jax.ShapeDtypeStruct((b, tp, n, hp), static.out_dtype),
+        out_specs=[o_spec, pl.BlockSpec((None, None, bq), lambda b_, n_, i: (b_, n_, i))],
+        out_shape=[jax.ShapeDtypeStruct((b, tp, n, geo.up), static.out_dtype),
                    jax.ShapeDtypeStruct((b, n, tp), F32)],
-        compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps,
-                                                num_stages=blocks.num_stages),
-        interpret=interpret, name="jaxllama_flash_fwd_gpu",
+        compiler_params=geo.params, interpret=geo.interpret, name="jaxllama_flash_fwd_gpu",
     )(tab.kv_lo, tab.kv_hi, tab.offsets, qp, kp, vp, *seg_in)
-    return out[:, :t, :, :h], lse[..., :t]
+    return out[:, :geo.t, :, :geo.u], lse[..., :geo.t]
 
 
 def _gpu_backward(static: Static, q, k, v, aux: Aux, out, lse, dout, dlse):
-    b, t, n, h = q.shape
-    s, kh = k.shape[1], k.shape[2]
-    blocks, interpret = _config(static, t, s, h, backward=True)
-    bq, bk = blocks.block_q, blocks.block_k
-    nq, nk, hp = -(-t // bq), -(-s // bk), _head_dim(h)
-    tp, sp, g = nq * bq, nk * bk, n // kh
-    tab = kernel_tables(static.cols, aux.q_offset, aux.k_offset, aux.q_segment_ids,
-                        aux.kv_segment_ids, t, bq, s, bk)
-    qp, dop = _pad(q, {1: tp, 3: hp}), _pad(dout.astype(q.dtype), {1: tp, 3: hp})
-    kp, vp = _pad(k, {1: sp, 3: hp}), _pad(v, {1: sp, 3: hp})
-    lsep, deltap = _pad(lse, {2: tp}), _pad(row_delta(out, dout, dlse), {2: tp})
-    params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-    common = {"cols": static.cols, "scale": static.scale, "bq": bq, "bk": bk, "kv_len": s}
+    geo = _Geometry(static, q, k, v, backward=True)
+    b, n, kh, bq, bk, tp, sp, g = geo.b, geo.n, geo.kh, geo.bq, geo.bk, geo.tp, geo.sp, geo.g
+    hp, up = geo.hp, geo.up
+    tab = _tables(static, aux, geo)
+    qp, dop = pad_to(q, {1: tp, 3: hp}), pad_to(dout.astype(q.dtype), {1: tp, 3: up})
+    kp, vp = pad_to(k, {1: sp, 3: hp}), pad_to(v, {1: sp, 3: up})
+    lsep, deltap = pad_to(lse, {2: tp}), pad_to(row_delta(out, dout, dlse), {2: tp})
+    common = {"cols": static.cols, "scale": static.scale, "bq": bq, "bk": bk, "kv_len": geo.s,
+              "hq": geo.hq, "hu": geo.hu}
 
     # dq: programs (batch, query head, query block), like the forward
-    q_spec = pl.BlockSpec((None, bq, None, hp), lambda b_, n_, i: (b_, i, n_, 0))
-    kv_full = pl.BlockSpec((None, sp, None, hp), lambda b_, n_, i: (b_, 0, lax.div(n_, g), 0))
+    q_map = lambda b_, n_, i: (b_, i, n_, 0)
+    kv_map = lambda b_, n_, i: (b_, 0, lax.div(n_, g), 0)
     row_spec = pl.BlockSpec((None, None, bq), lambda b_, n_, i: (b_, n_, i))
     seg_in, seg_specs = _segment_inputs(
         tab, aux, tp, sp, pl.BlockSpec((None, bq), lambda b_, n_, i: (b_, i)),
         pl.BlockSpec((None, sp), lambda b_, n_, i: (b_, 0)))
+    q_spec = pl.BlockSpec((None, bq, None, hp), q_map)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, n_mem=-(-min(static.cols.memory_prefix, s) // bk),
-                          **common),
-        grid=(b, n, nq),
+        functools.partial(_dq_kernel, **common),
+        grid=(b, n, geo.nq),
         in_specs=_table_specs(tab.kv_lo, tab.kv_hi, tab.offsets)
-        + [q_spec, kv_full, kv_full, q_spec, row_spec, row_spec] + seg_specs,
+        + [q_spec, pl.BlockSpec((None, sp, None, hp), kv_map),
+           pl.BlockSpec((None, sp, None, up), kv_map), pl.BlockSpec((None, bq, None, up), q_map),
+           row_spec, row_spec] + seg_specs,
         out_specs=q_spec, out_shape=jax.ShapeDtypeStruct((b, tp, n, hp), q.dtype),
-        compiler_params=params, interpret=interpret, name="jaxllama_flash_dq_gpu",
+        compiler_params=geo.params, interpret=geo.interpret, name="jaxllama_flash_dq_gpu",
     )(tab.kv_lo, tab.kv_hi, tab.offsets, qp, kp, vp, dop, lsep, deltap, *seg_in)
 
     # dk, dv: programs (batch, kv head, key block) over the G query heads of the group
-    group_spec = pl.BlockSpec((None, tp, g, hp), lambda b_, h_, j: (b_, 0, h_, 0))
-    kv_spec = pl.BlockSpec((None, bk, None, hp), lambda b_, h_, j: (b_, j, h_, 0))
+    group_map = lambda b_, h_, j: (b_, 0, h_, 0)
+    kv_map = lambda b_, h_, j: (b_, j, h_, 0)
+    k_spec, v_spec = (pl.BlockSpec((None, bk, None, d), kv_map) for d in (hp, up))
     rows_spec = pl.BlockSpec((None, g, tp), lambda b_, h_, j: (b_, h_, 0))
     seg_in, seg_specs = _segment_inputs(
         tab, aux, tp, sp, pl.BlockSpec((None, tp), lambda b_, h_, j: (b_, 0)),
         pl.BlockSpec((None, bk), lambda b_, h_, j: (b_, j)))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, groups=g, **common),
-        grid=(b, kh, nk),
+        grid=(b, kh, geo.nk),
         in_specs=_table_specs(tab.q_lo, tab.q_hi, tab.offsets)
-        + [group_spec, kv_spec, kv_spec, group_spec, rows_spec, rows_spec] + seg_specs,
-        out_specs=[kv_spec, kv_spec],
-        out_shape=[jax.ShapeDtypeStruct((b, sp, kh, hp), k.dtype)] * 2,
-        compiler_params=params, interpret=interpret, name="jaxllama_flash_dkv_gpu",
+        + [pl.BlockSpec((None, tp, g, hp), group_map), k_spec, v_spec,
+           pl.BlockSpec((None, tp, g, up), group_map), rows_spec, rows_spec] + seg_specs,
+        out_specs=[k_spec, v_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, sp, kh, hp), k.dtype),
+                   jax.ShapeDtypeStruct((b, sp, kh, up), v.dtype)],
+        compiler_params=geo.params, interpret=geo.interpret, name="jaxllama_flash_dkv_gpu",
     )(tab.q_lo, tab.q_hi, tab.offsets, qp, kp, vp, dop, lsep, deltap, *seg_in)
-    return dq[:, :t, :, :h], dk[:, :s, :, :h], dv[:, :s, :, :h]
+    return dq[:, :geo.t, :, :geo.h], dk[:, :geo.s, :, :geo.h], dv[:, :geo.s, :, :geo.u]
 
 
 attend_gpu = flash_attention_fn(_gpu_forward, _gpu_backward)
-"""attend_gpu(static, q, k, v, aux) -> (out [B T N H], lse [B N T]); static.options holds
+"""attend_gpu(static, q, k, v, aux) -> (out [B T N U], lse [B N T]); static.options holds
 ("interpret", bool) and optionally ("blocks", (block_q, block_k))."""

@@ -3,12 +3,17 @@
 Tested on CPU by running these kernels under `pltpu.InterpretParams()` (see
 `_dispatch.emulate_tpu`); not run on a TPU yet (none in the writing session).
 
+Shapes: q [B T N H], k [B S K H], v [B S K U] (U may differ from H: MLA). Head dims are not padded:
+every block spans the whole head axis, which Mosaic accepts at any size (a block dim must be a
+multiple of the 128-lane tile or the full array dim) and lays out in lane tiles itself, so a 576
+wide key costs no HBM copy or traffic beyond its own bytes. Sequence axes are padded to whole blocks.
+
 Grid design (the TPU way: the pipeline emitter double-buffers blocks named by index maps):
   - forward and dq: grid (batch, kv head, query block, step). The G query heads of a kv head are
     stacked into one [G * block_q, H] tile, so each K/V block is fetched once per group (GQA without
-    repeats). Step `it` visits key block `block_at(it)` of the query block's range (memory blocks,
-    then the causal/window band, from `mask.Tables` in SMEM via scalar prefetch; offsets may be
-    traced). Steps past the range re-name the last block, so the pipeline issues no new DMA, and the
+    repeats). Step `it` visits key block `lo + it` of the query block's range (the causal/window
+    band, from `mask.Tables` in SMEM via scalar prefetch; offsets may be traced). Steps past the
+    range re-name the last block, so the pipeline issues no new DMA, and the
     body is skipped; so are blocks whose segment range is disjoint from the query block's.
   - dk/dv: grid (batch, kv head, key block, step) over the query blocks that see the key block.
 Statistics m, l live in VMEM scratch as [rows, 1]; the log-sum-exp leaves as [.., T, 1].
@@ -23,10 +28,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jaxllama.kernels._common import F32, NEG_INF, cdiv, pad_to
 from jaxllama.kernels.flash_attention import heuristics
-from jaxllama.kernels.flash_attention.mask import Tables, block_at, kernel_tables, visible
+from jaxllama.kernels.flash_attention.mask import Tables, kernel_tables, visible
 from jaxllama.kernels.flash_attention.reference import (
-    NEG_INF,
     Aux,
     Static,
     flash_attention_fn,
@@ -36,7 +41,6 @@ from jaxllama.kernels.flash_attention.reference import (
     softmax_step,
 )
 
-F32 = jnp.float32
 NT = (((1,), (1,)), ((), ()))
 
 
@@ -48,35 +52,30 @@ def _dot(a, b):
     return lax.dot(a, b, preferred_element_type=F32)
 
 
-def _config(static: Static, t: int, s: int):
+def _config(static: Static, t: int, s: int, g: int, h: int, u: int):
     opts = dict(static.options)
-    blocks = heuristics.tpu_blocks(t, s)
+    blocks = heuristics.tpu_blocks(t, s, g, h, u)
     if opts.get("blocks"):
         blocks = blocks._replace(block_q=opts["blocks"][0], block_k=opts["blocks"][1])
     return blocks.block_q, blocks.block_k, opts.get("interpret")
 
 
-def _pad(x, sizes: dict[int, int]):
-    widths = [(0, sizes.get(a, x.shape[a]) - x.shape[a]) for a in range(x.ndim)]
-    return jnp.pad(x, widths) if any(w for _, w in widths) else x
-
-
 class _Geometry:
     """Static sizes of one call, shared by the wrappers and the kernels."""
 
-    def __init__(self, static: Static, b, t, s, n, kh, h):
-        self.bq, self.bk, self.interpret = _config(static, t, s)
-        self.b, self.t, self.s, self.kh, self.h, self.g = b, t, s, kh, h, n // kh
-        self.nq, self.nk = -(-t // self.bq), -(-s // self.bk)
+    def __init__(self, static: Static, b, t, s, n, kh, h, u):
+        self.bq, self.bk, self.interpret = _config(static, t, s, n // kh, h, u)
+        self.b, self.t, self.s, self.kh, self.h, self.u = b, t, s, kh, h, u
+        self.g = n // kh
+        self.nq, self.nk = cdiv(t, self.bq), cdiv(s, self.bk)
         self.tp, self.sp = self.nq * self.bq, self.nk * self.bk
         self.rows = self.g * self.bq
-        self.n_mem = -(-min(static.cols.memory_prefix, s) // self.bk)
 
 
 def _to_groups(x, geo: _Geometry):
     """[B T N H] -> [B K G Tp H] (query heads stacked per kv head)."""
     b, h = x.shape[0], x.shape[3]
-    x = _pad(x, {1: geo.tp}).reshape(b, geo.tp, geo.kh, geo.g, h)
+    x = pad_to(x, {1: geo.tp}).reshape(b, geo.tp, geo.kh, geo.g, h)
     return jnp.transpose(x, (0, 2, 3, 1, 4))
 
 
@@ -87,7 +86,7 @@ def _from_groups(x, geo: _Geometry):
 
 def _rows_to_groups(x, geo: _Geometry):
     """[B N T] -> [B K G Tp 1]."""
-    return _pad(x, {2: geo.tp}).reshape(geo.b, geo.kh, geo.g, geo.tp, 1)
+    return pad_to(x, {2: geo.tp}).reshape(geo.b, geo.kh, geo.g, geo.tp, 1)
 
 
 def _stacked_ok(cols, static_kv_len, offs, i, j, geo: _Geometry, qseg, kseg):
@@ -119,10 +118,11 @@ def _prefetch(tab: Tables):
     return seg
 
 
-def _clamped(it, lo, count, n_first, n_blocks):
-    """The block named at step `it`; past the range it repeats the last one (no new DMA)."""
+def _clamped(it, lo, count, n_blocks):
+    """The block lo + it named at step `it`; past the range it repeats the last one (no new
+    DMA)."""
     it = jnp.minimum(it, jnp.maximum(count - 1, 0))
-    return jnp.clip(block_at(it, n_first, lo), 0, n_blocks - 1)
+    return jnp.clip(lo + it, 0, n_blocks - 1)
 
 
 # ----------------------------------------------------------------------------- forward and dq
@@ -144,8 +144,8 @@ class _KvStep:
     def __init__(self, lo_ref, hi_ref, offs_ref, seg_tabs, seg_refs, cols, geo: _Geometry):
         b, self.i, self.it = pl.program_id(0), pl.program_id(2), pl.program_id(3)
         lo = lo_ref[self.i]
-        count = geo.n_mem + hi_ref[self.i] - lo
-        self.j = _clamped(self.it, lo, count, geo.n_mem, geo.nk)  # the block the pipeline fetched
+        count = hi_ref[self.i] - lo
+        self.j = _clamped(self.it, lo, count, geo.nk)  # the block the pipeline fetched
         self.live = (self.it < count) & _live(seg_tabs, b, self.i, self.j, geo)
         self.last = self.it == pl.num_programs(3) - 1
         self._args = (cols, offs_ref, seg_refs, geo)
@@ -195,7 +195,7 @@ def _dq_kernel(lo_ref, hi_ref, offs_ref, *refs, cols, scale, geo: _Geometry):
     @pl.when(step.live)
     def _():
         q = q_ref[...].reshape(geo.rows, geo.h)
-        do = do_ref[...].reshape(geo.rows, geo.h)
+        do = do_ref[...].reshape(geo.rows, geo.u)
         k, v = k_ref[...], v_ref[...]
         lse = lse_ref[...].reshape(geo.rows, 1)
         delta = delta_ref[...].reshape(geo.rows, 1)
@@ -212,33 +212,35 @@ def _kv_step_call(static: Static, geo: _Geometry, tab: Tables, aux: Aux, inputs,
     n_pref = 3 + (4 if static.cols.segments else 0)
 
     def kv_map(b, h, i, it, lo, hi, *_):
-        return (b, h, _clamped(it, lo[i], geo.n_mem + hi[i] - lo[i], geo.n_mem, geo.nk), 0)
+        return (b, h, _clamped(it, lo[i], hi[i] - lo[i], geo.nk), 0)
 
     def kseg_map(b, h, i, it, lo, hi, *_):
         return (b, 0, kv_map(b, h, i, it, lo, hi)[2])
 
-    group = pl.BlockSpec((None, None, geo.g, geo.bq, geo.h), lambda b, h, i, *_: (b, h, 0, i, 0))
-    rows = pl.BlockSpec((None, None, geo.g, geo.bq, 1), lambda b, h, i, *_: (b, h, 0, i, 0))
-    kv = pl.BlockSpec((None, None, geo.bk, geo.h), kv_map)
-    in_specs = [group, kv, kv] + ([group, rows, rows] if backward else [])
+    group = lambda d: pl.BlockSpec((None, None, geo.g, geo.bq, d),
+                                   lambda b, h, i, *_: (b, h, 0, i, 0))
+    rows = group(1)
+    k_spec = pl.BlockSpec((None, None, geo.bk, geo.h), kv_map)
+    v_spec = pl.BlockSpec((None, None, geo.bk, geo.u), kv_map)
+    in_specs = [group(geo.h), k_spec, v_spec] + ([group(geo.u), rows, rows] if backward else [])
     seg_in = []
     if static.cols.segments:
-        seg_in = [_pad(aux.q_segment_ids, {1: geo.tp})[..., None],
-                  _pad(aux.kv_segment_ids, {1: geo.sp})[:, None, :]]
+        seg_in = [pad_to(aux.q_segment_ids, {1: geo.tp})[..., None],
+                  pad_to(aux.kv_segment_ids, {1: geo.sp})[:, None, :]]
         in_specs += [pl.BlockSpec((None, geo.bq, 1), lambda b, h, i, *_: (b, i, 0)),
                      pl.BlockSpec((None, 1, geo.bk), kseg_map)]
     dtype = inputs[0].dtype
     if backward:
-        out_specs = group
+        out_specs = group(geo.h)
         out_shape = jax.ShapeDtypeStruct((geo.b, geo.kh, geo.g, geo.tp, geo.h), dtype)
         scratch = [pltpu.VMEM((geo.rows, geo.h), F32)]
         name = "jaxllama_flash_dq_tpu"
     else:
-        out_specs = [group, rows]
-        out_shape = [jax.ShapeDtypeStruct((geo.b, geo.kh, geo.g, geo.tp, geo.h), static.out_dtype),
+        out_specs = [group(geo.u), rows]
+        out_shape = [jax.ShapeDtypeStruct((geo.b, geo.kh, geo.g, geo.tp, geo.u), static.out_dtype),
                      jax.ShapeDtypeStruct((geo.b, geo.kh, geo.g, geo.tp, 1), F32)]
         scratch = [pltpu.VMEM((geo.rows, 1), F32), pltpu.VMEM((geo.rows, 1), F32),
-                   pltpu.VMEM((geo.rows, geo.h), F32)]
+                   pltpu.VMEM((geo.rows, geo.u), F32)]
         name = "jaxllama_flash_fwd_tpu"
     kernel = functools.partial(_dq_kernel if backward else _forward_kernel, cols=static.cols,
                                scale=static.scale, geo=geo)
@@ -263,7 +265,7 @@ def _dkv_kernel(lo_ref, hi_ref, offs_ref, *refs, cols, scale, geo: _Geometry):
     dk_ref, dv_ref, dk_acc, dv_acc = rest
     b, j, it = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     lo, hi = lo_ref[j], hi_ref[j]
-    i = _clamped(it, lo, hi - lo, 0, geo.nq)
+    i = _clamped(it, lo, hi - lo, geo.nq)
 
     @pl.when(it == 0)
     def _():
@@ -274,7 +276,7 @@ def _dkv_kernel(lo_ref, hi_ref, offs_ref, *refs, cols, scale, geo: _Geometry):
     def _():
         k, v = k_ref[...], v_ref[...]
         q = q_ref[...].reshape(geo.rows, geo.h)
-        do = do_ref[...].reshape(geo.rows, geo.h)
+        do = do_ref[...].reshape(geo.rows, geo.u)
         lse = lse_ref[...].reshape(geo.rows, 1)
         delta = delta_ref[...].reshape(geo.rows, 1)
         ok = _stacked_ok(cols, geo.s, (offs_ref[0], offs_ref[1]), i, j, geo,
@@ -294,28 +296,29 @@ def _dkv_kernel(lo_ref, hi_ref, offs_ref, *refs, cols, scale, geo: _Geometry):
 def _dkv_call(static: Static, geo: _Geometry, tab: Tables, aux: Aux, inputs):
     """pallas_call of `_dkv_kernel`: grid (B, K, nk, nq)."""
     def q_map(b, h, j, it, lo, hi, *_):
-        return (b, h, 0, _clamped(it, lo[j], hi[j] - lo[j], 0, geo.nq), 0)
+        return (b, h, 0, _clamped(it, lo[j], hi[j] - lo[j], geo.nq), 0)
 
-    group = pl.BlockSpec((None, None, geo.g, geo.bq, geo.h), q_map)
-    rows = pl.BlockSpec((None, None, geo.g, geo.bq, 1), q_map)
-    kv = pl.BlockSpec((None, None, geo.bk, geo.h), lambda b, h, j, *_: (b, h, j, 0))
-    in_specs = [group, kv, kv, group, rows, rows]
+    group = lambda d: pl.BlockSpec((None, None, geo.g, geo.bq, d), q_map)
+    kv = lambda d: pl.BlockSpec((None, None, geo.bk, d), lambda b, h, j, *_: (b, h, j, 0))
+    in_specs = [group(geo.h), kv(geo.h), kv(geo.u), group(geo.u), group(1), group(1)]
     seg_in = []
     if static.cols.segments:
-        seg_in = [_pad(aux.q_segment_ids, {1: geo.tp})[..., None],
-                  _pad(aux.kv_segment_ids, {1: geo.sp})[:, None, :]]
+        seg_in = [pad_to(aux.q_segment_ids, {1: geo.tp})[..., None],
+                  pad_to(aux.kv_segment_ids, {1: geo.sp})[:, None, :]]
         qseg_map = lambda b, h, j, it, lo, hi, *_: (b, q_map(b, h, j, it, lo, hi)[3], 0)
         in_specs += [pl.BlockSpec((None, geo.bq, 1), qseg_map),
                      pl.BlockSpec((None, 1, geo.bk), lambda b, h, j, *_: (b, 0, j))]
     kernel = functools.partial(_dkv_kernel, cols=static.cols, scale=static.scale, geo=geo)
-    shape = jax.ShapeDtypeStruct((geo.b, geo.kh, geo.sp, geo.h), inputs[1].dtype)
+    shapes = [jax.ShapeDtypeStruct((geo.b, geo.kh, geo.sp, geo.h), inputs[1].dtype),
+              jax.ShapeDtypeStruct((geo.b, geo.kh, geo.sp, geo.u), inputs[2].dtype)]
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=3 + (4 if static.cols.segments else 0),
-            grid=(geo.b, geo.kh, geo.nk, geo.nq), in_specs=in_specs, out_specs=[kv, kv],
-            scratch_shapes=[pltpu.VMEM((geo.bk, geo.h), F32)] * 2),
-        out_shape=[shape, shape],
+            grid=(geo.b, geo.kh, geo.nk, geo.nq), in_specs=in_specs,
+            out_specs=[kv(geo.h), kv(geo.u)],
+            scratch_shapes=[pltpu.VMEM((geo.bk, geo.h), F32), pltpu.VMEM((geo.bk, geo.u), F32)]),
+        out_shape=shapes,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=geo.interpret or False, name="jaxllama_flash_dkv_tpu",
@@ -325,21 +328,21 @@ def _dkv_call(static: Static, geo: _Geometry, tab: Tables, aux: Aux, inputs):
 # ----------------------------------------------------------------------------- wrappers
 
 
-def _setup(static: Static, q, k, aux: Aux):
+def _setup(static: Static, q, k, v, aux: Aux):
     b, t, n, h = q.shape
-    geo = _Geometry(static, b, t, k.shape[1], n, k.shape[2], h)
+    geo = _Geometry(static, b, t, k.shape[1], n, k.shape[2], h, v.shape[3])
     tab = kernel_tables(static.cols, aux.q_offset, aux.k_offset, aux.q_segment_ids,
                         aux.kv_segment_ids, t, geo.bq, geo.s, geo.bk)
     return geo, tab
 
 
 def _kv_heads(x, geo: _Geometry):
-    """[B S K H] -> [B K Sp H]."""
-    return jnp.transpose(_pad(x, {1: geo.sp}), (0, 2, 1, 3))
+    """[B S K H] -> [B K Sp H] (values: U for H)."""
+    return jnp.transpose(pad_to(x, {1: geo.sp}), (0, 2, 1, 3))
 
 
 def _tpu_forward(static: Static, q, k, v, aux: Aux):
-    geo, tab = _setup(static, q, k, aux)
+    geo, tab = _setup(static, q, k, v, aux)
     out, lse = _kv_step_call(static, geo, tab, aux,
                              [_to_groups(q, geo), _kv_heads(k, geo), _kv_heads(v, geo)], False)
     lse = lse[..., 0].reshape(geo.b, geo.kh * geo.g, geo.tp)[..., :geo.t]
@@ -347,7 +350,7 @@ def _tpu_forward(static: Static, q, k, v, aux: Aux):
 
 
 def _tpu_backward(static: Static, q, k, v, aux: Aux, out, lse, dout, dlse):
-    geo, tab = _setup(static, q, k, aux)
+    geo, tab = _setup(static, q, k, v, aux)
     inputs = [_to_groups(q, geo), _kv_heads(k, geo), _kv_heads(v, geo),
               _to_groups(dout.astype(q.dtype), geo), _rows_to_groups(lse, geo),
               _rows_to_groups(row_delta(out, dout, dlse), geo)]
@@ -358,5 +361,5 @@ def _tpu_backward(static: Static, q, k, v, aux: Aux, out, lse, dout, dlse):
 
 
 attend_tpu = flash_attention_fn(_tpu_forward, _tpu_backward)
-"""attend_tpu(static, q, k, v, aux) -> (out [B T N H], lse [B N T]); static.options holds
+"""attend_tpu(static, q, k, v, aux) -> (out [B T N U], lse [B N T]); static.options holds
 ("interpret", pltpu.InterpretParams() or None) and optionally ("blocks", (block_q, block_k))."""

@@ -8,17 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxllama.kernels.flash_attention.api import Mask, SinkInputs, attend
+from jaxllama.kernels.flash_attention.api import ALWAYS, BEYOND_WINDOW, ExtraColumns, Mask, attend
 from jaxllama.kernels.flash_attention.mask import (
     Columns,
     dense_mask,
+    extra_columns,
+    extra_mask,
     kv_block_ranges,
-    memory_blocks,
     ordinary_columns,
     q_block_ranges,
     segment_ranges,
-    sink_columns,
-    sink_mask,
     visible,
 )
 
@@ -33,9 +32,8 @@ LITERALS = [
     (Mask(causal=False, window=2), 3, 4, lit("1111 1111 0111")),
     # query rows at positions 2, 3 (chunked prefill) over keys 0..4
     (Mask(causal=True, q_offset=2), 2, 5, lit("11100 11110")),
-    # two memory columns visible to all, then local keys at positions 0.. (k_offset -2)
-    (Mask(causal=True, window=2, memory_prefix=2, k_offset=-2), 4, 6,
-     lit("111000 111100 110110 110011")),
+    # keys from position -2 (k_offset), window 2
+    (Mask(causal=True, window=2, k_offset=-2), 4, 6, lit("011000 001100 000110 000011")),
 ]
 
 
@@ -47,18 +45,29 @@ def test_dense_mask_and_column_rule_match_literals(mask, t, s, want):
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
-def test_segments_and_sinks_match_literals():
+def test_segments_and_extra_columns_match_literals():
     seg = jnp.array([[1, 1, 2, 2]])
     mask = Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg)
     np.testing.assert_array_equal(np.asarray(dense_mask(mask, 4, 4)[0]),
                                   lit("1000 1100 0010 0011"))
     # lambda: 2 sinks, window 2 -> sink g visible iff q_pos - g >= 2
-    sink = SinkInputs(q=None, k=jnp.zeros((1, 2, 1, 1)), v=None)
+    sink = ExtraColumns(k=jnp.zeros((1, 2, 1, 1)), v=None, visibility=BEYOND_WINDOW)
     want = lit("00 00 10 11 11")
-    np.testing.assert_array_equal(np.asarray(sink_mask(Mask(window=2), sink, 5)[0]), want)
-    cols = sink_columns(Mask(window=2), sink)
+    np.testing.assert_array_equal(np.asarray(extra_mask(Mask(window=2), sink, 5)[0]), want)
+    cols = extra_columns(Mask(window=2), sink)
     got = visible(cols, jnp.arange(5)[:, None], jnp.arange(2)[None, :], 0, 2)
     np.testing.assert_array_equal(np.asarray(got), want)
+    # FoT memory: 3 slots visible to every query whatever its position or window, subject only
+    # to segment ids (slot 2 unwritten: id 0)
+    mem = ExtraColumns(k=jnp.zeros((1, 3, 1, 1)), v=None, visibility=ALWAYS,
+                       segment_ids=jnp.array([[1, 2, 0]]))
+    mask = Mask(causal=True, window=1, q_offset=7, q_segment_ids=seg, kv_segment_ids=seg)
+    np.testing.assert_array_equal(np.asarray(extra_mask(mask, mem, 4)[0]),
+                                  lit("100 100 010 010"))
+    got = visible(extra_columns(mask, mem), 7 + jnp.arange(4)[:, None], jnp.arange(3)[None, :],
+                  0, 3)
+    np.testing.assert_array_equal(np.asarray(got), np.ones((4, 3), bool))
+    assert extra_columns(mask, mem).segments
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
@@ -71,9 +80,9 @@ def _tables_and_entries(cols, qo, ko, t, bq, s, bk):
     return jax.vmap(one)(qo, ko)
 
 
-COLUMN_SETS = [Columns(True, 0, None, 0, False), Columns(True, 0, 5, 0, False),
-               Columns(False, 0, 4, 0, False), Columns(True, 3, None, 0, False),
-               Columns(True, 0, 3, 6, False), Columns(False, 0, None, 0, False)]
+COLUMN_SETS = [Columns(True, 0, None, False), Columns(True, 0, 5, False),
+               Columns(False, 0, 4, False), Columns(True, 3, None, False),
+               Columns(True, 2, 3, False), Columns(False, 0, None, False)]
 
 
 @pytest.mark.parametrize("cols", COLUMN_SETS)
@@ -86,13 +95,11 @@ def test_block_tables_cover_every_visible_entry_once(cols):
             np.asarray, _tables_and_entries(cols, *offsets, t, bq, s, bk))
         for ok, lo, hi, qlo, qhi in zip(oks, los, his, qlos, qhis):
             need = {(r // bq, c // bk) for r, c in zip(*np.nonzero(ok))}
-            n_mem = memory_blocks(cols, s, bk)
-            visited = [list(range(n_mem)) + list(range(lo[i], hi[i])) for i in range(len(lo))]
-            assert all(len(v) == len(set(v)) for v in visited)  # no key block visited twice
-            assert need <= {(i, j) for i, v in enumerate(visited) for j in v}
+            visited = {(i, j) for i in range(len(lo)) for j in range(lo[i], hi[i])}
+            assert need <= visited
             assert need <= {(i, j) for j in range(len(qlo)) for i in range(qlo[j], qhi[j])}
-            # and tight: every visited non-memory block holds a visible entry of its query block
-            assert {(i, j) for i in range(len(lo)) for j in range(lo[i], hi[i])} <= need
+            # and tight: every visited block holds a visible entry of its query block
+            assert visited <= need
 
 
 def test_segment_ranges():
