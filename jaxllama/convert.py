@@ -24,8 +24,8 @@ from jaxllama.config import DTYPES, ConfigError
 def _source_dtype(path: str | None) -> str:
     """The dtype a checkpoint is stored in ("auto"): HF config.json's dtype, orbax model.yaml's
     param_dtype, float32 for GGUF (its quantized weights have no float dtype to keep)."""
-    from jaxllama.checkpoint import checkpoint_format, default_checkpoint
-    path = path or default_checkpoint()
+    from jaxllama.checkpoint import checkpoint_format, default_checkpoint, resolve_checkpoint
+    path = resolve_checkpoint(path) if path else default_checkpoint()
     fmt = checkpoint_format(path)
     if fmt == "hf":
         try:

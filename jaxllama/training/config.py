@@ -6,9 +6,10 @@ runs before anything is loaded or compiled, and a failure is one line naming the
 unknown keys, wrong types, a mesh that does not divide the device count, a batch the data axes do
 not divide, a sequence length the `seq` axis (x2 for the zigzag ring layout) does not divide.
 
-The model comes from `init.checkpoint` (HF directory, .gguf, orbax directory, or `embedded` for the
-bundled SmolLM2), else from `model_preset` (a `configs/models` YAML), else from `model` alone; the
-`model` mapping always applies on top (as overrides when a checkpoint or preset is the base).
+The model comes from `init.checkpoint` (HF directory, .gguf, orbax directory, a Hub model id
+`org/name[@revision]`, or `embedded` for the bundled SmolLM2), else from `model_preset` (a
+`configs/models` YAML), else from `model` alone; the `model` mapping always applies on top (as
+overrides when a checkpoint or preset is the base).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ FORMATS = ("auto", "text", "jsonl", "parquet", "passkey")
 
 @dataclass(frozen=True)
 class InitConfig:
-    checkpoint: str | None = None  # None = random init; "embedded" = bundled SmolLM2 GGUF
+    checkpoint: str | None = None  # None = random init; "embedded" = bundled SmolLM2; or a Hub id
     seed: int = 0  # parameter init seed (random init only)
 
 

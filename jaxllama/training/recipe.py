@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxllama.checkpoint.hub import parse_hub_id
 from jaxllama.config import ConfigError, apply_overrides, from_dict, load_yaml
 from jaxllama.training.config import (
     TrainConfig,
@@ -181,7 +182,8 @@ def validate_train_config(cfg: TrainConfig, devices: int = 0, name: str = "") ->
     cp = cfg.model.get("kernels", {}).get("context_parallel", "none")
     sizes = check_against_devices(cfg, devices, 1, cp)
     ckpt = cfg.init.checkpoint
-    if ckpt and not cfg.model_preset and (ckpt == "embedded" or Path(ckpt).exists()):
+    if ckpt and not cfg.model_preset and (ckpt == "embedded" or Path(ckpt).exists()
+                                          or parse_hub_id(ckpt)):
         from jaxllama.training.trainer import load_model
 
         model_cfg = load_model(cfg).config  # the checkpoint's config plus the `model` overrides
