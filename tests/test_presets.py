@@ -46,7 +46,7 @@ def test_llama31_rope_scaling():
     assert (rope.type, rope.factor, rope.low_freq_factor, rope.high_freq_factor) == (
         "llama3", 8.0, 1.0, 4.0)
     assert rope.original_max_position_embeddings == 8192
-    assert cfg.attention.max_position_embeddings == 131072 and rope.theta == 500000.0
+    assert cfg.max_position_embeddings == 131072 and rope.theta == 500000.0
 
 
 def test_smollm2_preset_matches_embedded_gguf(smollm2_gguf_path):
