@@ -20,9 +20,10 @@ LayerKind = Literal["dense", "lambda", "fot", "mla", "mamba"]
 LAYER_KINDS: tuple[str, ...] = typing.get_args(LayerKind)
 DEFAULT_KIND: LayerKind = "dense"
 # The one table of kind names outside `jaxllama/mixers/` (this module cannot import the mixers):
-# each built kind -> the `ModelConfig` field holding its own knobs. The registry checks at import
-# that every spec's `config_field` agrees; a kind of `LayerKind` missing here is not built yet.
-KIND_FIELDS: dict[str, str] = {"dense": "attention", "lambda": "lambda_"}
+# each built kind -> the `ModelConfig` field holding its own knobs (None: none beyond the model's).
+# The registry checks at import that every spec's `config_field` agrees; a kind of `LayerKind`
+# missing here is not built yet.
+KIND_FIELDS: dict[str, str | None] = {"dense": "attention", "lambda": "lambda_"}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLEMENTATIONS = ("auto", "xla", "pallas_interpret", "pallas_gpu", "pallas_tpu")
@@ -169,6 +170,8 @@ class ModelConfig:
             _check(kind in KIND_FIELDS, f"layer_pattern[{i}]",
                    f"layer kind {kind!r} is not available in this version")
         for kind in dict.fromkeys(pattern):
+            if KIND_FIELDS[kind] is None:
+                continue
             name = _yaml_name_of(KIND_FIELDS[kind])
             _check(getattr(self, KIND_FIELDS[kind]) is not None, name,
                    f"layer_pattern has {kind} layers but no `{name}` config")

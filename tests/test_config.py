@@ -105,7 +105,7 @@ def test_sub_configs_are_built_from_the_model_not_copied():
 def test_only_the_config_table_and_the_mixers_name_layer_kinds():
     """Outside jaxllama/mixers/, a kind name appears only in config.py's kind table, the
     LayerKind literal and DEFAULT_KIND."""
-    allowed = {"LayerKind = Literal[", "DEFAULT_KIND: LayerKind =", "KIND_FIELDS: dict[str, str] ="}
+    allowed = {"LayerKind = Literal[", "DEFAULT_KIND: LayerKind =", "KIND_FIELDS: dict[str, str | None] ="}
     pattern = re.compile(r"""['"](dense|lambda)['"]""")
     hits = []
     for path in sorted((ROOT / "jaxllama").rglob("*.py")):
@@ -139,3 +139,23 @@ def test_context_parallel_with_a_kind_that_cannot_is_a_config_error():
                                 "kernels": {"context_parallel": "allgather"}})
     ok = ModelConfig(layer_pattern=("dense",) * 2, kernels=KernelConfig(context_parallel="ring"))
     assert all("ring" in spec_of(k).context_parallel for k in ok.layer_pattern)
+
+
+def test_the_trainer_takes_context_parallelism_from_the_resolved_model(tmp_path):
+    """The preset sets `kernels.context_parallel: ring` and the train YAML's `model` says nothing:
+    the zigzag layout (seq_len divisible by 2 x mesh.seq) is still required, because the check
+    reads the resolved ModelConfig, not the train YAML's raw `model` mapping."""
+    from jaxllama.training.config import load_train_config
+    from jaxllama.training.recipe import validate_train_config
+
+    preset = tmp_path / "m.yaml"
+    preset.write_text("model: {vocab_size: 64, hidden_size: 16, intermediate_size: 32, "
+                      "num_layers: 1, attention: {num_heads: 2, num_kv_heads: 1}, "
+                      "kernels: {context_parallel: ring}}\n")
+    train = tmp_path / "t.yaml"
+    train.write_text(f"model_preset: {preset}\nmesh: {{data: 2, fsdp: 1, tensor: 1, seq: 4}}\n"
+                     "train: {seq_len: 4, batch_size: 2, steps: 1}\n")
+    cfg = load_train_config(train)
+    assert "kernels" not in cfg.model
+    with pytest.raises(ConfigError, match=r"train\.seq_len: 4 is not divisible by 8 \(2 x mesh"):
+        validate_train_config(cfg, 8)
