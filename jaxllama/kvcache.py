@@ -79,7 +79,8 @@ def plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str | None = Non
     for kind in dict.fromkeys(cfg.layer_pattern):  # first-appearance order
         layers = cfg.layer_pattern.count(kind)
         entries = cache_entries(cfg, kind, positions)
-        kv = 2 * layers * batch * entries * att.num_kv_heads * att.head_dim_for(cfg.hidden_size) * itemsize
+        h = att.head_dim_for(cfg.hidden_size)
+        kv = 2 * layers * batch * entries * att.num_kv_heads * h * itemsize
         # int32 segment id per entry and a length counter; lambda rows also keep their first slot
         book = layers * (batch * entries * 4 + 4 + (batch * 4 if kind == "lambda" else 0))
         kinds.append(KindPlan(kind, layers, entries, kv, book))
