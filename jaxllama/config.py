@@ -19,7 +19,8 @@ import yaml
 LayerKind = Literal["dense", "lambda", "fot", "mla", "mamba"]
 LAYER_KINDS: tuple[str, ...] = typing.get_args(LayerKind)
 DEFAULT_KIND: LayerKind = "dense"
-# The one table of kind names outside `jaxllama/mixers/` (this module cannot import the mixers):
+# The one table of kind names outside `jaxllama/mixers/` (the mixers import this module, so it
+# cannot import them at load time):
 # each built kind -> the `ModelConfig` field holding its own knobs (None: none beyond the model's).
 # The registry checks at import that every spec's `config_field` agrees; a kind of `LayerKind`
 # missing here is not built yet.
