@@ -6,7 +6,7 @@ import flax.linen as nn
 
 from jaxllama.config import ModelConfig
 from jaxllama.layers.basic import MLP, RMSNorm, dtype_of
-from jaxllama.mixers import MIXERS
+from jaxllama.mixers import spec_of
 from jaxllama.sharding import constrain
 
 
@@ -17,9 +17,9 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache=None, segment_ids=None):
         c = self.cfg
-        kw = dict(dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
-        mixer_cls, _ = MIXERS[self.kind]
-        mixer = mixer_cls(cfg=c.mixer_config(self.kind), kernels=c.kernels, name="mixer", **kw)
+        kw = {"dtype": dtype_of(c.dtype), "param_dtype": dtype_of(c.param_dtype)}
+        spec = spec_of(self.kind)
+        mixer = spec.module(cfg=spec.config(c), kernels=c.kernels, name="mixer", **kw)
         y, cache = mixer(RMSNorm(c.rms_norm_eps, name="mixer_norm", **kw)(x), positions, cache,
                          segment_ids)
         x = x + y

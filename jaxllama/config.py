@@ -16,8 +16,15 @@ from typing import Any, Literal
 
 import yaml
 
-LayerKind = Literal["dense", "lambda", "memory", "mla", "mamba"]
+LayerKind = Literal["dense", "lambda", "fot", "mla", "mamba"]
 LAYER_KINDS: tuple[str, ...] = typing.get_args(LayerKind)
+DEFAULT_KIND: LayerKind = "dense"
+# The one table of kind names outside `jaxllama/mixers/` (the mixers import this module, so it
+# cannot import them at load time):
+# each built kind -> the `ModelConfig` field holding its own knobs (None: none beyond the model's).
+# The registry checks at import that every spec's `config_field` agrees; a kind of `LayerKind`
+# missing here is not built yet.
+KIND_FIELDS: dict[str, str | None] = {"dense": "attention", "lambda": "lambda_"}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLEMENTATIONS = ("auto", "xla", "pallas_interpret", "pallas_gpu", "pallas_tpu")
@@ -71,13 +78,13 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Dense GQA attention geometry (also the base geometry of lambda and memory layers)."""
+    """GQA attention knobs (YAML `attention:`), read by the dense and lambda layers. The model's
+    width and context length live on `ModelConfig`; `head_dim` 0 means hidden_size // num_heads,
+    resolved by the layer config built from the model (`AttentionLayerConfig.head_dim`)."""
 
-    hidden_size: int = 0  # filled from ModelConfig.hidden_size when 0
     num_heads: int = 8
     num_kv_heads: int = 8
-    head_dim: int = 0  # 0 = hidden_size // num_heads
-    max_position_embeddings: int = 2048
+    head_dim: int = 0
     rope: RopeConfig = field(default_factory=RopeConfig)
     bias: bool = False
 
@@ -88,6 +95,10 @@ class AttentionConfig:
                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         _check(self.head_dim >= 0 and self.head_dim % 2 == 0, "attention.head_dim",
                f"must be even, got {self.head_dim}")
+
+    def head_dim_for(self, hidden_size: int) -> int:
+        """H: `head_dim`, or hidden_size // num_heads when it is 0."""
+        return self.head_dim or hidden_size // self.num_heads
 
 
 @dataclass(frozen=True)
@@ -107,13 +118,6 @@ class LambdaConfig:
     def limit_distance(self) -> int:
         """D: far sink keys are scored as if at this distance."""
         return self.window if self.distance is None else self.distance
-
-
-@dataclass(frozen=True)
-class LambdaAttentionConfig(AttentionConfig):
-    """What a lambda layer sees: the dense attention geometry plus its `LambdaConfig`."""
-
-    lambda_: LambdaConfig = field(default_factory=LambdaConfig)
 
 
 @dataclass(frozen=True)
@@ -140,12 +144,18 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder of `len(layer_pattern)` blocks, each with the mixer of its kind and a SwiGLU MLP."""
+    """A decoder of `len(layer_pattern)` blocks, each with the mixer of its kind and a SwiGLU MLP.
+
+    Fields that belong to the whole model (width, context length `max_position_embeddings`,
+    norms, dtypes) live here; each kind's own knobs live in its sub-config field (`KIND_FIELDS`),
+    and the mixer of a kind is built with `spec_of(kind).config(model_cfg)`.
+    """
 
     vocab_size: int = 32000
     hidden_size: int = 512
     intermediate_size: int = 1376
-    layer_pattern: tuple[str, ...] = ("dense",) * 4
+    layer_pattern: tuple[str, ...] = (DEFAULT_KIND,) * 4
+    max_position_embeddings: int = 2048
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     lambda_: LambdaConfig | None = None
     rms_norm_eps: float = 1e-5
@@ -155,29 +165,30 @@ class ModelConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def __post_init__(self):
-        pattern = tuple(self.layer_pattern)
-        object.__setattr__(self, "layer_pattern", pattern)
+        pattern = self.layer_pattern
+        _check(isinstance(pattern, tuple), "layer_pattern",
+               f"must be a tuple of layer kinds, got {type(pattern).__name__}")
         _check(len(pattern) > 0, "layer_pattern", "needs at least one layer")
         for i, kind in enumerate(pattern):
             _check(kind in LAYER_KINDS, f"layer_pattern[{i}]", f"{kind!r} is not one of {LAYER_KINDS}")
-        _check("lambda" not in pattern or self.lambda_ is not None, "lambda",
-               "layer_pattern has lambda layers but no lambda config")
-        built = {"dense", "lambda"}
-        for kind in set(pattern) - built:
-            raise ConfigError(f"layer_pattern: layer kind {kind!r} is not available in this version")
+            _check(kind in KIND_FIELDS, f"layer_pattern[{i}]",
+                   f"layer kind {kind!r} is not available in this version")
+        for kind in dict.fromkeys(pattern):
+            if KIND_FIELDS[kind] is None:
+                continue
+            name = _yaml_name_of(KIND_FIELDS[kind])
+            _check(getattr(self, KIND_FIELDS[kind]) is not None, name,
+                   f"layer_pattern has {kind} layers but no `{name}` config")
         _check(self.vocab_size > 0, "vocab_size", "must be > 0")
         _check(self.hidden_size > 0, "hidden_size", "must be > 0")
         _check(self.intermediate_size > 0, "intermediate_size", "must be > 0")
+        _check(self.max_position_embeddings > 0, "max_position_embeddings", "must be > 0")
         _check(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
         _check(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} is not one of {DTYPES}")
-        att = self.attention
-        if att.hidden_size == 0 or att.head_dim == 0:
-            att = dataclasses.replace(
-                att, hidden_size=att.hidden_size or self.hidden_size,
-                head_dim=att.head_dim or self.hidden_size // att.num_heads)
-            object.__setattr__(self, "attention", att)
-        _check(att.hidden_size == self.hidden_size, "attention.hidden_size",
-               f"{att.hidden_size} differs from hidden_size {self.hidden_size}")
+        # What only the registry knows (e.g. which kinds run `kernels.context_parallel`). Imported
+        # here, not at the top: the mixers import this module.
+        from jaxllama.mixers import check_model
+        check_model(self)
 
     @property
     def num_layers(self) -> int:
@@ -193,16 +204,6 @@ class ModelConfig:
             else:
                 out.append([kind, 1])
         return tuple((k, n) for k, n in out)
-
-    def mixer_config(self, kind: str) -> Any:
-        """The sub-config handed to the mixer of `kind` (mixers never see the whole ModelConfig)."""
-        if kind == "dense":
-            return self.attention
-        if kind == "lambda":
-            fields = {f.name: getattr(self.attention, f.name)
-                      for f in dataclasses.fields(AttentionConfig)}
-            return LambdaAttentionConfig(**fields, lambda_=self.lambda_)
-        raise ConfigError(f"layer_pattern: layer kind {kind!r} is not available in this version")
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
@@ -220,7 +221,7 @@ def parse_layer_pattern(value: Any, num_layers: int | None, where: str = "layer_
     if isinstance(value, dict):
         _check(num_layers is not None, where, "a mapping needs num_layers")
         value = dict(value)
-        default = value.pop("default", "dense")
+        default = value.pop("default", DEFAULT_KIND)
         out = [default] * num_layers
         for kind, layers in value.items():
             _check(isinstance(layers, (list, tuple)), f"{where}.{kind}", "must be a list of layer indices")
@@ -247,8 +248,12 @@ def parse_layer_pattern(value: Any, num_layers: int | None, where: str = "layer_
 # ----------------------------------------------------------------------------- dict / YAML -> dataclass
 
 
+def _yaml_name_of(name: str) -> str:
+    return name.rstrip("_")  # `lambda_` is spelled `lambda` in YAML
+
+
 def _yaml_name(f: dataclasses.Field) -> str:
-    return f.name.rstrip("_")  # `lambda_` is spelled `lambda` in YAML
+    return _yaml_name_of(f.name)
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
@@ -335,13 +340,39 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def migrate_model_dict(data: dict, where: str = "model") -> dict:
+    """A model mapping with the keys earlier versions wrote (presets, orbax `model.yaml`, train
+    configs) moved to where they live now: `attention.max_position_embeddings` is the model's
+    `max_position_embeddings`; `attention.hidden_size` (a copy of `hidden_size`) is dropped."""
+    att = data.get("attention")
+    if not isinstance(att, dict) or not {"max_position_embeddings", "hidden_size"} & set(att):
+        return data
+    data, att = dict(data), dict(att)
+    if "max_position_embeddings" in att:
+        value = att.pop("max_position_embeddings")
+        if data.get("max_position_embeddings", value) != value:
+            raise ConfigError(f"{where}.attention.max_position_embeddings: {value} differs from "
+                              f"{where}.max_position_embeddings {data['max_position_embeddings']} "
+                              "(set the context length once, as max_position_embeddings)")
+        data["max_position_embeddings"] = value
+    if "hidden_size" in att:
+        value = att.pop("hidden_size")
+        hidden = data.get("hidden_size", ModelConfig.__dataclass_fields__["hidden_size"].default)
+        if value not in (0, hidden):
+            raise ConfigError(f"{where}.attention.hidden_size: {value} differs from "
+                              f"{where}.hidden_size {hidden}")
+    data["attention"] = att
+    return data
+
+
 def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
-    """`ModelConfig` from a YAML mapping; `num_layers` plus a short `layer_pattern` expand."""
-    data = dict(data)
+    """`ModelConfig` from a YAML mapping; `num_layers` plus a short `layer_pattern` expand; keys
+    of earlier versions are migrated (`migrate_model_dict`)."""
+    data = migrate_model_dict(dict(data), where)
     num_layers = data.pop("num_layers", None)
     if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)):
         raise ConfigError(f"{where}.num_layers: expected an integer, got {num_layers!r}")
-    pattern = data.pop("layer_pattern", "dense")
+    pattern = data.pop("layer_pattern", DEFAULT_KIND)
     pattern = parse_layer_pattern(pattern, num_layers, f"{where}.layer_pattern")
     if num_layers is not None and len(pattern) != num_layers:
         raise ConfigError(f"{where}.layer_pattern: has {len(pattern)} layers but num_layers is {num_layers}")

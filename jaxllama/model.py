@@ -16,7 +16,7 @@ import numpy as np
 from jaxllama.block import Block
 from jaxllama.config import ModelConfig
 from jaxllama.layers.basic import Embed, Linear, RMSNorm, dtype_of
-from jaxllama.mixers import MIXERS
+from jaxllama.mixers import spec_of
 
 _REMAT_POLICIES = {
     "full": None,
@@ -106,8 +106,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple:
     dtype = dtype_of(cfg.dtype) if dtype is None else dtype
     out = []
     for kind, n in cfg.runs:
-        cache_cls = MIXERS[kind][1]
-        one = cache_cls.init(cfg.mixer_config(kind), batch, max_len, dtype)
+        spec = spec_of(kind)
+        one = spec.cache.init(spec.config(cfg), batch, max_len, dtype)
         out.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape).copy(), one))
     return tuple(out)
 
@@ -116,8 +116,8 @@ def cache_logical_axes(cfg: ModelConfig) -> tuple:
     """Logical axis names of every cache leaf (a leading "layers" axis per run)."""
     out = []
     for kind, _ in cfg.runs:
-        cache_cls = MIXERS[kind][1]
-        axes = cache_cls.logical_axes(cfg.mixer_config(kind))
+        spec = spec_of(kind)
+        axes = spec.cache.logical_axes(spec.config(cfg))
         out.append(jax.tree.map(lambda a: ("layers",) + tuple(a), axes,
                                 is_leaf=lambda a: isinstance(a, tuple)))
     return tuple(out)

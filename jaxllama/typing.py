@@ -1,5 +1,8 @@
 """Axis-letter glossary and array aliases used in shape comments and signatures.
 
+The aliases are jaxtyping annotations for readers (the mixer signatures use them); nothing checks
+them at run time.
+
 Letters (used in every einsum string and `# [..]` shape comment):
 
   B batch            T query tokens of this call   S key / cache positions
@@ -24,8 +27,11 @@ PRNGKey = jax.Array
 
 Tokens = Int[Array, "B T"]
 Positions = Int[Array, "B T"]
+SegmentIds = Int[Array, "B T"]  # 0 = padding; packed documents 1, 2, ...
 Hidden = Float[Array, "B T D"]
 Logits = Float[Array, "B T V"]
+Queries = Float[Array, "B T N H"]
+KeysValues = Float[Array, "B T K H"]
 
-__all__ = ["Array", "Float", "Int", "PyTree", "Params", "PRNGKey", "Tokens", "Positions", "Hidden",
-           "Logits"]
+__all__ = ["Array", "Float", "Hidden", "Int", "KeysValues", "Logits", "PRNGKey", "Params",
+           "Positions", "PyTree", "Queries", "SegmentIds", "Tokens"]

@@ -26,9 +26,8 @@ import sys
 import time
 
 MODEL = {"vocab_size": 8192, "hidden_size": 128, "intermediate_size": 384, "num_layers": 2,
-         "layer_pattern": "dense",
-         "attention": {"num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 65536,
-                       "rope": {"theta": 500000.0}}}
+         "layer_pattern": "dense", "max_position_embeddings": 65536,
+         "attention": {"num_heads": 4, "num_kv_heads": 2, "rope": {"theta": 500000.0}}}
 
 
 def configs(seqs: list[int], devices: int, all_long: bool) -> list[dict]:

@@ -62,8 +62,8 @@ def make_tiny_hf(smollm2_jax, tmp_path_factory):
     def make(name: str, *, tie: bool, kv_heads: int, context: int, seed: int) -> str:
         cfg = ModelConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
                           layer_pattern=("dense",) * 2, tie_word_embeddings=tie,
-                          attention=AttentionConfig(num_heads=4, num_kv_heads=kv_heads,
-                                                    max_position_embeddings=context))
+                          max_position_embeddings=context,
+                          attention=AttentionConfig(num_heads=4, num_kv_heads=kv_heads))
         params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(seed))
         out = tmp_path_factory.mktemp(name) / "hf"
         save_hf(cfg, params, smollm2_jax.tokenizer, out, smollm2_jax.generation_config)

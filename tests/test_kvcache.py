@@ -36,7 +36,7 @@ def test_presets_layer_counts():
         assert cfg.num_layers == 32 and cfg.layer_pattern[0] == "dense"
         assert (cfg.lambda_.window, cfg.lambda_.global_tokens) == (8192, 512)
         assert cfg.attention.rope.type == "llama3"
-        assert cfg.attention.max_position_embeddings == 131072
+        assert cfg.max_position_embeddings == 131072
         assert (cfg.attention.num_kv_heads, cfg.attention.head_dim) == (8, 128)
     moved = preset("cbhybrid-m-8b", ["model.layer_pattern.dense=[0,1,30,31]"])
     assert [i for i, k in enumerate(moved.layer_pattern) if k == "dense"] == [0, 1, 30, 31]

@@ -46,7 +46,7 @@ def test_llama31_rope_scaling():
     assert (rope.type, rope.factor, rope.low_freq_factor, rope.high_freq_factor) == (
         "llama3", 8.0, 1.0, 4.0)
     assert rope.original_max_position_embeddings == 8192
-    assert cfg.attention.max_position_embeddings == 131072 and rope.theta == 500000.0
+    assert cfg.max_position_embeddings == 131072 and rope.theta == 500000.0
 
 
 def test_smollm2_preset_matches_embedded_gguf(smollm2_gguf_path):
@@ -86,3 +86,24 @@ def test_presets_equal_published_config_json(name, raw):
     assert config_from_hf(back, "exported config.json") == preset
     for key in ("rope_theta", "rope_scaling", "max_position_embeddings", "num_key_value_heads"):
         assert back[key] == raw[key], key
+
+
+TRAIN_YAMLS = sorted((PRESETS[0].parent.parent / "train").glob("*.yaml"))
+RECIPES = sorted((PRESETS[0].parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAIN_YAMLS + RECIPES, ids=[p.stem for p in TRAIN_YAMLS + RECIPES])
+def test_train_configs_and_recipes_load(path, monkeypatch):
+    """Every train config and recipe in configs/ still validates (keys, types, the model mapping
+    with its context length) without devices or data."""
+    from jaxllama.training.config import load_train_config
+    from jaxllama.training.recipe import load_recipe, stage_config
+
+    monkeypatch.chdir(PRESETS[0].parent.parent.parent)  # recipes name their base relative to root
+    if path.parent.name == "train":
+        assert load_train_config(path).train.steps > 0
+    else:
+        recipe = load_recipe(path)
+        seqs = [stage_config(recipe, i).model["max_position_embeddings"]
+                for i in range(len(recipe.stages))]
+        assert seqs == sorted(seqs) and seqs[-1] >= recipe.stages[-1].seq_len

@@ -1,11 +1,14 @@
 """What every checkpoint format shares: `Checkpoint`, `CheckpointError`, and the streaming assembly
 of a params tree from a source of HF-named tensors.
 
-Every format is read through HF Llama tensor names (`model.layers.{l}.self_attn.q_proj.weight`,
+HF and GGUF are read through HF Llama tensor names (`model.layers.{l}.self_attn.q_proj.weight`,
 ...): the safetensors reader yields them directly, the GGUF reader renames llama.cpp's names to
-them. The assembly preallocates one stacked buffer per parameter in the target dtype, fills it
-tensor by tensor and hands it to JAX before the next buffer is allocated, so host memory never holds
-two full copies.
+them. The table of names (`tensor_specs`) is composed per layer: the block's norms and MLP, plus
+the mixer's own tensors from its kind's spec (`spec.hf_tensors`), relative to the layer's block
+tree. Where layer l lives in the stacked params tree is asked of `model.stack`, the one place that
+knows the run layout. The assembly preallocates one stacked buffer per parameter in the target
+dtype, fills it tensor by tensor and hands it to JAX before the next buffer is allocated, so host
+memory never holds two full copies.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -32,9 +36,8 @@ from jaxllama.config import (
     model_config_from_dict,
     to_dict,
 )
-
-# Layer kinds whose weights are exactly a Llama decoder layer (lambda only changes the mask).
-LLAMA_LAYER_KINDS = ("dense", "lambda")
+from jaxllama.mixers import spec_of
+from jaxllama.model import init_params, stack, unstack
 
 
 class CheckpointError(ValueError):
@@ -59,18 +62,20 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One HF tensor and where it lives in the params tree.
+    """One HF tensor and where it lives: in layer `layer`'s block tree (`path` relative to the
+    block, as `model.unstack` gives it), or for `layer` None (embedding, final norm, LM head) in
+    the params tree itself.
 
-    `index` is the layer's position in its stacked run (None for non-layer tensors). HF matrices are
-    [out, in]; ours are [in..., out...], so a matrix is transposed then reshaped (`transpose`);
-    vectors and the embedding table are only reshaped.
+    HF matrices are [out, in]; ours are [in..., out...], so a matrix is transposed then reshaped
+    (`transpose`); vectors and the embedding table are only reshaped. `shape` is the param of one
+    layer (without the stacked axis).
     """
 
     hf_name: str
     path: tuple[str, ...]
-    index: int | None
+    layer: int | None
     hf_shape: tuple[int, ...]
-    shape: tuple[int, ...]  # this tensor's slice of the param (without the stacked axis)
+    shape: tuple[int, ...]
     transpose: bool
 
     def to_param(self, a: np.ndarray) -> np.ndarray:
@@ -82,61 +87,87 @@ class TensorSpec:
         return np.ascontiguousarray(p.reshape(self.hf_shape))
 
 
-def layer_locations(cfg: ModelConfig) -> list[tuple[int, int, str]]:
-    """For each model layer l: (run r, index j in the run, kind)."""
-    out = []
-    for r, (kind, n) in enumerate(cfg.runs):
-        out += [(r, j, kind) for j in range(n)]
-    return out
+def _block_tensors(cfg: ModelConfig) -> tuple[tuple, tuple]:
+    """The Llama tensors every block has, (before the mixer's, after): norms, SwiGLU MLP."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+
+    def t(name, path, hf_shape, transpose):
+        shape = hf_shape[::-1] if transpose else hf_shape
+        return (name, path, hf_shape, shape, transpose)
+
+    norms = (t("input_layernorm.weight", ("mixer_norm", "scale"), (d,), False),
+             t("post_attention_layernorm.weight", ("mlp_norm", "scale"), (d,), False))
+    mlp = tuple(t(f"mlp.{proj}.weight", ("mlp", ours, "kernel"), hf_shape, True)
+                for proj, ours, hf_shape in (("gate_proj", "gate", (f, d)),
+                                             ("up_proj", "up", (f, d)),
+                                             ("down_proj", "down", (d, f))))
+    return norms, mlp
+
+
+def check_hf_layout(cfg: ModelConfig) -> None:
+    """A one-line error naming the first layer whose kind has no HF tensors (`hf_tensors` None)."""
+    for layer, kind in enumerate(cfg.layer_pattern):
+        if spec_of(kind).hf_tensors is None:
+            raise CheckpointError(f"layer {layer}: layer kind {kind!r} has no HF checkpoint "
+                                  "layout")
 
 
 def tensor_specs(cfg: ModelConfig) -> dict[str, TensorSpec]:
-    """Every HF tensor a Llama checkpoint of `cfg` holds, keyed by HF name."""
-    a = cfg.attention
-    d, f, n, k, h, v = (cfg.hidden_size, cfg.intermediate_size, a.num_heads, a.num_kv_heads,
-                        a.head_dim, cfg.vocab_size)
+    """Every HF tensor a Llama-layout checkpoint of `cfg` holds, keyed by HF name, in HF order.
+    A layer whose kind has no HF layout (`spec.hf_tensors` None) is a one-line error."""
+    d, v = cfg.hidden_size, cfg.vocab_size
     specs = {}
 
-    def add(name, path, index, hf_shape, shape, transpose):
-        specs[name] = TensorSpec(name, path, index, tuple(hf_shape), tuple(shape), transpose)
+    def add(name, path, layer, hf_shape, shape, transpose):
+        specs[name] = TensorSpec(name, tuple(path), layer, tuple(hf_shape), tuple(shape),
+                                 transpose)
 
     add("model.embed_tokens.weight", ("embed", "embedding"), None, (v, d), (v, d), False)
     add("model.norm.weight", ("norm", "scale"), None, (d,), (d,), False)
     if not cfg.tie_word_embeddings:
         add("lm_head.weight", ("lm_head", "kernel"), None, (v, d), (d, v), True)
-    for layer, (r, j, kind) in enumerate(layer_locations(cfg)):
-        if kind not in LLAMA_LAYER_KINDS:
-            raise CheckpointError(f"layer {layer}: layer kind {kind!r} has no Llama checkpoint "
-                                  "layout")
-        pre, blk = f"model.layers.{layer}.", (f"run_{r}", "block")
-        att, mlp = blk + ("mixer",), blk + ("mlp",)
-        add(pre + "input_layernorm.weight", blk + ("mixer_norm", "scale"), j, (d,), (d,), False)
-        add(pre + "post_attention_layernorm.weight", blk + ("mlp_norm", "scale"), j, (d,), (d,),
-            False)
-        for proj, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
-            add(f"{pre}self_attn.{proj}.weight", att + (proj, "kernel"), j, (heads * h, d),
-                (d, heads, h), True)
-            if a.bias:
-                add(f"{pre}self_attn.{proj}.bias", att + (proj, "bias"), j, (heads * h,),
-                    (heads, h), False)
-        add(pre + "self_attn.o_proj.weight", att + ("o_proj", "kernel"), j, (d, n * h), (n, h, d),
-            True)
-        if a.bias:
-            add(pre + "self_attn.o_proj.bias", att + ("o_proj", "bias"), j, (d,), (d,), False)
-        for proj, ours, hf_shape in (("gate_proj", "gate", (f, d)), ("up_proj", "up", (f, d)),
-                                     ("down_proj", "down", (d, f))):
-            add(f"{pre}mlp.{proj}.weight", mlp + (ours, "kernel"), j, hf_shape, hf_shape[::-1],
-                True)
+    check_hf_layout(cfg)
+    norms, mlp = _block_tensors(cfg)
+    mixers = {}
+    for layer, kind in enumerate(cfg.layer_pattern):
+        spec = spec_of(kind)
+        if kind not in mixers:
+            mixers[kind] = tuple((t.hf_name, t.path, t.hf_shape, t.shape, t.transpose)
+                                 for t in spec.hf_tensors(spec.config(cfg)))
+        for name, path, hf_shape, shape, transpose in norms + mixers[kind] + mlp:
+            add(f"model.layers.{layer}.{name}", path, layer, hf_shape, shape, transpose)
     return specs
 
 
-def stacked_shapes(cfg: ModelConfig, specs: dict[str, TensorSpec]) -> dict[tuple, tuple]:
-    """Full shape of every param leaf (run leaves get the leading layer axis)."""
-    run_len = [n for _, n in cfg.runs]
+def _tree_of(entries: Iterable[tuple[tuple, Any]]) -> dict:
+    tree: dict = {}
+    for path, value in entries:
+        set_path(tree, path, value)
+    return tree
+
+
+def stacked_plan(cfg: ModelConfig, specs: dict[str, TensorSpec]
+                 ) -> dict[tuple, list[TensorSpec]]:
+    """Every param leaf of the stacked tree (its path) -> the tensors that fill it, in stacking
+    order (one for a non-layer leaf). Computed by `model.stack` itself on trees whose leaves
+    are indices into the table, so the run layout is never re-derived here."""
+    table = list(specs.values())
+    layers = [[] for _ in range(cfg.num_layers)]
+    rest = []
+    for i, s in enumerate(table):
+        (rest if s.layer is None else layers[s.layer]).append((s.path, np.asarray(i)))
+    plan = stack(cfg, [_tree_of(entries) for entries in layers], _tree_of(rest))
     out = {}
-    for s in specs.values():
-        out[s.path] = s.shape if s.index is None else (run_len[int(s.path[0][4:])],) + s.shape
+    for keys, ids in jax.tree_util.tree_leaves_with_path(plan):
+        path = tuple(k.key for k in keys)
+        out[path] = [table[i] for i in np.atleast_1d(ids)]
     return out
+
+
+def stacked_shapes(cfg: ModelConfig, specs: dict[str, TensorSpec]) -> dict[tuple, tuple]:
+    """Full shape of every param leaf (stacked leaves get the leading layer-in-run axis)."""
+    return {path: group[0].shape if group[0].layer is None else (len(group),) + group[0].shape
+            for path, group in stacked_plan(cfg, specs).items()}
 
 
 def get_path(tree: dict, path: tuple) -> Any:
@@ -188,24 +219,21 @@ def assemble_params(cfg: ModelConfig, src: TensorSource, dtype: str, ignore: Ite
     """Read every tensor of `cfg` from `src` into a params tree of jnp arrays in `dtype`."""
     specs = tensor_specs(cfg)
     check_tensors(specs, src, ignore)
-    shapes = stacked_shapes(cfg, specs)
-    by_path: dict[tuple, list[TensorSpec]] = {}
-    for s in specs.values():
-        by_path.setdefault(s.path, []).append(s)
     np_dtype = jnp.dtype(dtype)
     params: dict = {}
     with tqdm(total=len(specs), desc=desc, unit="tensor", disable=None, leave=False) as bar:
-        for path, group in by_path.items():
-            buf = np.empty(shapes[path], np_dtype)
-            for s in group:
+        for path, group in stacked_plan(cfg, specs).items():
+            stacked = group[0].layer is not None
+            buf = np.empty(((len(group),) if stacked else ()) + group[0].shape, np_dtype)
+            for j, s in enumerate(group):
                 a = src.read(s.hf_name)
                 if not np.issubdtype(a.dtype, np.floating) and a.dtype != jnp.bfloat16:
                     raise CheckpointError(f"{s.hf_name}: dtype {a.dtype} in {src.files[s.hf_name]} "
                                           "is not a float type")
-                if s.index is None:
-                    buf[...] = s.to_param(a)
+                if stacked:
+                    buf[j] = s.to_param(a)
                 else:
-                    buf[s.index] = s.to_param(a)
+                    buf[...] = s.to_param(a)
                 bar.update(1)
             set_path(params, path, jnp.asarray(buf))
             del buf
@@ -213,18 +241,19 @@ def assemble_params(cfg: ModelConfig, src: TensorSource, dtype: str, ignore: Ite
 
 
 def export_tensors(cfg: ModelConfig, params: dict) -> Iterable[tuple[str, np.ndarray]]:
-    """(HF name, numpy array in HF layout) for every tensor, one at a time, in HF order."""
+    """(HF name, numpy array in HF layout) for every tensor, one at a time, in HF order. Every
+    shape is checked before the first tensor is yielded; layer tensors are read from the
+    per-layer view (`model.unstack`) of the params moved to host once."""
     specs = tensor_specs(cfg)
-    shapes = stacked_shapes(cfg, specs)
-    for path, shape in shapes.items():
+    for path, shape in stacked_shapes(cfg, specs).items():
         got = tuple(get_path(params, path).shape)
         if got != shape:
             raise CheckpointError(f"params/{'/'.join(path)}: shape {list(got)}, "
                                   f"expected {list(shape)}")
+    host = jax.tree.map(np.asarray, params)
+    layers = unstack(cfg, host)  # numpy views, no copies
     for name, s in specs.items():
-        leaf = get_path(params, s.path)
-        p = np.asarray(leaf if s.index is None else leaf[s.index])
-        yield name, s.to_hf(p)
+        yield name, s.to_hf(get_path(host if s.layer is None else layers[s.layer], s.path))
 
 
 # ----------------------------------------------------------------------------- config overrides
@@ -304,29 +333,36 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False):
         raise
 
 
+def _layer_keys(cfg: ModelConfig) -> set[str]:
+    """The top-level params keys `model.stack` puts the layers under."""
+    return set(stack(cfg, [{}] * cfg.num_layers, {}))
+
+
+def _shapes(tree) -> dict[tuple, tuple]:
+    return {tuple(k.key for k in keys): tuple(x.shape)
+            for keys, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def relayout(params: dict, old: ModelConfig, new: ModelConfig) -> dict:
-    """Regroup stacked layer weights when overrides change `cfg.runs` (e.g. dense*2,lambda*28)."""
-    old_specs, new_specs = tensor_specs(old), tensor_specs(new)
-    if stacked_shapes(old, old_specs) == stacked_shapes(new, new_specs):
-        return params
-    if set(old_specs) != set(new_specs):
-        raise CheckpointError("overrides: change the set of checkpoint tensors; only the layer "
-                              "pattern and shape-preserving fields may be overridden")
-    groups: dict[tuple, list[TensorSpec]] = {}
-    for s in new_specs.values():
-        groups.setdefault(s.path, []).append(s)
-    out: dict = {}
-    for path, group in groups.items():
-        parts = []
-        for s in group:
-            o = old_specs[s.hf_name]
-            if o.shape != s.shape:
-                raise CheckpointError(f"overrides: {s.hf_name} would change shape "
-                                      f"{list(o.shape)} -> {list(s.shape)}")
-            leaf = get_path(params, o.path)
-            parts.append(leaf if o.index is None else leaf[o.index])
-        set_path(out, path, parts[0] if group[0].index is None else jnp.stack(parts))
-    return out
+    """Regroup stacked layer weights when overrides change `cfg.runs` (e.g. dense*2,lambda*28):
+    layer l of `old` becomes layer l of `new`, through the per-layer view (`unstack` / `stack`).
+    Each layer's tree must keep its structure and shapes (any kind, HF layout or not)."""
+    want = jax.eval_shape(lambda: unstack(new, init_params(new, jax.random.key(0))))
+    have = jax.eval_shape(lambda p: unstack(old, p), params)
+    for layer, (w, h) in enumerate(zip(want, have, strict=True)):
+        w, h = _shapes(w), _shapes(h)
+        if set(w) != set(h):
+            raise CheckpointError(f"overrides: change the parameters of layer {layer}; only the "
+                                  "layer pattern and shape-preserving fields may be overridden")
+        for path, shape in h.items():
+            if shape != w[path]:
+                raise CheckpointError(f"overrides: layer {layer} {'/'.join(path)} would change "
+                                      f"shape {list(shape)} -> {list(w[path])}")
+    if [n for _, n in old.runs] == [n for _, n in new.runs]:
+        return params  # the same stacking: nothing moves
+    layer_keys = _layer_keys(old)
+    rest = {k: v for k, v in params.items() if k not in layer_keys}
+    return stack(new, unstack(old, params), rest)
 
 
 def _default_permissions(root: Path) -> None:

@@ -29,7 +29,7 @@ from jaxllama.checkpoint.base import (
     with_dtype,
     with_overrides,
 )
-from jaxllama.config import AttentionConfig, ConfigError, ModelConfig, RopeConfig
+from jaxllama.config import DEFAULT_KIND, AttentionConfig, ConfigError, ModelConfig, RopeConfig
 
 _GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -182,10 +182,9 @@ def config_from_gguf(reader, where: str) -> ModelConfig:
     try:
         return ModelConfig(
             vocab_size=vocab, hidden_size=d, intermediate_size=need("feed_forward_length"),
-            layer_pattern=("dense",) * need("block_count"),
+            layer_pattern=(DEFAULT_KIND,) * need("block_count"), max_position_embeddings=max_pos,
             attention=AttentionConfig(
                 num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-                max_position_embeddings=max_pos,
                 rope=_rope(reader, arch, head_dim, max_pos, where),
                 bias=any(t.name.endswith("attn_q.bias") for t in reader.tensors)),
             rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),

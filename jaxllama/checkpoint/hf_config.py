@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from jaxllama.checkpoint.base import LLAMA_LAYER_KINDS, CheckpointError
-from jaxllama.config import AttentionConfig, ConfigError, ModelConfig, RopeConfig
+from jaxllama.checkpoint.base import CheckpointError, check_hf_layout
+from jaxllama.config import DEFAULT_KIND, AttentionConfig, ConfigError, ModelConfig, RopeConfig
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 _SCALED_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
@@ -105,13 +105,13 @@ def config_from_hf(raw: dict, where: str) -> ModelConfig:
             num_heads=heads,
             num_kv_heads=raw.get("num_key_value_heads") or heads,
             head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
             rope=rope_from_hf(raw, where),
             bias=bool(raw.get("attention_bias", False)))
         return ModelConfig(
             vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
             intermediate_size=raw["intermediate_size"],
-            layer_pattern=("dense",) * raw["num_hidden_layers"], attention=att,
+            layer_pattern=(DEFAULT_KIND,) * raw["num_hidden_layers"],
+            max_position_embeddings=raw.get("max_position_embeddings", 2048), attention=att,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)))
     except ConfigError as e:
@@ -141,12 +141,9 @@ def rope_to_hf(rope: RopeConfig) -> dict | None:
 
 def config_to_hf(cfg: ModelConfig, generation_config: dict | None = None,
                  torch_dtype: str = "float32") -> dict:
-    """HF Llama config.json (4.x form) for `cfg`; layer kinds other than dense/lambda are refused
+    """HF Llama config.json (4.x form) for `cfg`; a layer whose kind has no HF tensors is refused
     (lambda layers export as plain Llama layers: their weights are the same)."""
-    for kind in set(cfg.layer_pattern):
-        if kind not in LLAMA_LAYER_KINDS:
-            raise CheckpointError(f"layer_pattern: layer kind {kind!r} cannot be exported as HF "
-                                  "Llama")
+    check_hf_layout(cfg)
     a = cfg.attention
     gen = generation_config or {}
     eos = list(gen.get("eos_token_ids") or [])
@@ -159,9 +156,9 @@ def config_to_hf(cfg: ModelConfig, generation_config: dict | None = None,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": a.num_heads,
         "num_key_value_heads": a.num_kv_heads,
-        "head_dim": a.head_dim,
+        "head_dim": a.head_dim_for(cfg.hidden_size),
         "hidden_act": "silu",
-        "max_position_embeddings": a.max_position_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": a.rope.theta,
         "rope_scaling": rope_to_hf(a.rope),

@@ -50,7 +50,7 @@ from jaxllama.config import ModelConfig
 from jaxllama.inference.decode import DecodeWeights, decode_step, decode_weights, stacked_to_layers
 from jaxllama.inference.sampling import SamplingConfig, sample
 from jaxllama.layers.basic import dtype_of
-from jaxllama.mixers import MIXERS
+from jaxllama.mixers import spec_of
 from jaxllama.model import Transformer, init_cache
 
 UNBOUNDED = 2**31 - 1  # context of an all-lambda model without max_len (int32 positions)
@@ -236,9 +236,9 @@ class Engine:
         capped by `max_len`. A model none of whose mixers is `context_limited` (lambda layers
         only: G + L keys at distances clipped to D, whatever the position, as in LM-Infinite) has
         no such limit, so there only `max_len` caps it."""
-        if not any(MIXERS[kind][0].context_limited for kind in set(self.cfg.layer_pattern)):
+        if not any(spec_of(kind).context_limited for kind in set(self.cfg.layer_pattern)):
             return UNBOUNDED if max_len is None else max_len
-        ctx = self.cfg.attention.max_position_embeddings
+        ctx = self.cfg.max_position_embeddings
         return ctx if max_len is None else min(ctx, max_len)
 
     def _executable(self, name, fn, args, static=None):

@@ -69,8 +69,12 @@ def _llama3(rope: RopeConfig, dim: int) -> np.ndarray:
 def rope_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
                      seq_len=None):
     """inv_freq [R/2] (float32; a jnp array when it depends on a traced `seq_len`) and the factor
-    that multiplies cos and sin."""
-    dim = rotary_dim(rope, head_dim)
+    that multiplies cos and sin, for a head of `head_dim` (R = its rotary part)."""
+    return frequencies(rope, rotary_dim(rope, head_dim), max_position_embeddings, seq_len)
+
+
+def frequencies(rope: RopeConfig, dim: int, max_position_embeddings: int, seq_len=None):
+    """inv_freq [dim/2] and the cos/sin factor for `dim` rotary dims."""
     t = rope.type
     if t == "default":
         return _default_inv_freq(rope.theta, dim), 1.0
@@ -99,6 +103,19 @@ def rope_frequencies(rope: RopeConfig, head_dim: int, max_position_embeddings: i
             return short, float(af)
         return jnp.where(jnp.asarray(seq_len) > lo_pos, long, short), float(af)
     raise ValueError(f"unknown rope type {t!r}")
+
+
+def rope_for(rope: RopeConfig, dim: int, context_length: int, positions):
+    """cos, sin [B T R] (R = `dim` rotary dims) for integer positions [B T].
+
+    `context_length` is the model's `max_position_embeddings`, the length yarn, dynamic NTK and
+    longrope scale against; dynamic NTK and longrope also see this call's largest position + 1,
+    as transformers computes them. Each mixer passes its own RoPE config and rotary dim, so a kind
+    with its own RoPE (MLA's rope part) or none (Mamba) needs nothing from the others.
+    """
+    seq_len = jnp.max(positions) + 1 if rope.type in ("dynamic", "longrope") else None
+    inv_freq, factor = frequencies(rope, dim, context_length, seq_len)
+    return rope_cos_sin(positions, inv_freq, factor)
 
 
 def rotate_half(x):

@@ -1,4 +1,4 @@
-"""Dense GQA attention with RoPE, and its preallocated KV cache.
+"""Dense GQA attention with RoPE, its preallocated KV cache, its layer config and its spec.
 
 One code path for training (`cache=None`), chunked prefill and one-token decode: with a cache the
 call writes its T new keys/values at `cache.length` and attends over all S slots; slots not yet
@@ -7,17 +7,47 @@ written (and padding) carry segment id 0 and are masked.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxllama.config import AttentionConfig, KernelConfig
+from jaxllama.config import AttentionConfig, KernelConfig, ModelConfig
 from jaxllama.kernels.flash_attention.api import Mask, attend
 from jaxllama.layers.basic import Linear
-from jaxllama.layers.rope import apply_rope, rope_cos_sin, rope_frequencies
+from jaxllama.layers.rope import apply_rope, rope_for, rotary_dim
+from jaxllama.mixers.spec import HFTensor, MixerSpec
 from jaxllama.parallel.context import context_attend
 from jaxllama.sharding import constrain
+from jaxllama.typing import Hidden, Positions, SegmentIds
+
+
+@dataclass(frozen=True)
+class AttentionLayerConfig:
+    """What an attention layer is built with: the model's width and context length, and the
+    `attention:` knobs (held, not copied). Derived values are properties."""
+
+    hidden_size: int  # D
+    context_length: int  # the model's max_position_embeddings (RoPE scaling reads it)
+    attention: AttentionConfig
+
+    @classmethod
+    def from_model(cls, cfg: ModelConfig) -> AttentionLayerConfig:
+        return cls(cfg.hidden_size, cfg.max_position_embeddings, cfg.attention)
+
+    @property
+    def head_dim(self) -> int:  # H
+        return self.attention.head_dim_for(self.hidden_size)
+
+    @property
+    def rotary_dim(self) -> int:  # R
+        return rotary_dim(self.attention.rope, self.head_dim)
+
+    def rope(self, positions):
+        """cos, sin [B T R] of this layer's RoPE at `positions` [B T]."""
+        return rope_for(self.attention.rope, self.rotary_dim, self.context_length, positions)
 
 
 @struct.dataclass
@@ -30,14 +60,14 @@ class KVCache:
     length: jax.Array  # int32 scalar: slots written so far
 
     @classmethod
-    def init(cls, cfg: AttentionConfig, batch: int, max_len: int, dtype) -> KVCache:
-        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    def init(cls, cfg: AttentionLayerConfig, batch: int, max_len: int, dtype) -> KVCache:
+        shape = (batch, max_len, cfg.attention.num_kv_heads, cfg.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                    length=jnp.zeros((), jnp.int32))
 
     @staticmethod
-    def logical_axes(cfg: AttentionConfig) -> KVCache:
+    def logical_axes(cfg: AttentionLayerConfig) -> KVCache:
         kv = ("batch", "cache_seq", "kv_heads", "head_dim")
         return KVCache(k=kv, v=kv, segment_ids=("batch", "cache_seq"), length=())
 
@@ -51,50 +81,39 @@ class KVCache:
             length=at + k.shape[1])
 
 
-def rope_for(cfg: AttentionConfig, positions):
-    """cos, sin [B T R] for this call's positions (dynamic scaling sees max position + 1)."""
-    seq_len = None
-    if cfg.rope.type in ("dynamic", "longrope"):
-        seq_len = jnp.max(positions) + 1
-    inv_freq, factor = rope_frequencies(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, seq_len)
-    return rope_cos_sin(positions, inv_freq, factor)
-
-
 class Attention(nn.Module):
     """Causal GQA self-attention: (x [B T D], positions [B T], cache) -> (y [B T D], cache)."""
 
-    cfg: AttentionConfig
+    cfg: AttentionLayerConfig
     kernels: KernelConfig = KernelConfig()
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    # A sequence must fit in `max_position_embeddings` (attention over all past positions, rotated
-    # at their true distance); a mixer without that limit sets this False.
-    context_limited = True
 
-    def project(self, x):
+    def project(self, x: Hidden):
         """Un-rotated q [B T N H], k, v [B T K H] (lambda attention also needs them raw)."""
-        c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=c.bias)
-        d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+        c, a = self.cfg, self.cfg.attention
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "use_bias": a.bias}
+        d, n, k, h = c.hidden_size, a.num_heads, a.num_kv_heads, c.head_dim
         q = Linear((d,), (n, h), ("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x)  # [B T N H]
         key = Linear((d,), (k, h), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)  # [B T K H]
         val = Linear((d,), (k, h), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
         return q, key, val
 
-    def project_qkv(self, x, positions):
+    def project_qkv(self, x: Hidden, positions: Positions):
         q, key, val = self.project(x)
-        cos, sin = rope_for(self.cfg, positions)
+        cos, sin = self.cfg.rope(positions)
         return apply_rope(q, cos, sin), apply_rope(key, cos, sin), val
 
-    def project_out(self, out):
-        c = self.cfg
+    def project_out(self, out) -> Hidden:
+        c, a = self.cfg, self.cfg.attention
         out = constrain(out, ("batch", "seq", "act_heads", "head_dim"))
-        return Linear((c.num_heads, c.head_dim), (c.hidden_size,), ("q_heads", "head_dim", "embed"),
-                      name="o_proj", use_bias=c.bias, dtype=self.dtype,
+        return Linear((a.num_heads, c.head_dim), (c.hidden_size,), ("q_heads", "head_dim", "embed"),
+                      name="o_proj", use_bias=a.bias, dtype=self.dtype,
                       param_dtype=self.param_dtype)(out)  # [B T N H] -> [B T D]
 
     @nn.compact
-    def __call__(self, x, positions, cache: KVCache | None = None, segment_ids=None):
+    def __call__(self, x: Hidden, positions: Positions, cache: KVCache | None = None,
+                 segment_ids: SegmentIds | None = None) -> tuple[Hidden, KVCache | None]:
         q, k, v = self.project_qkv(x, positions)
         if segment_ids is None and cache is not None:
             segment_ids = jnp.ones(x.shape[:2], jnp.int32)
@@ -114,3 +133,46 @@ class Attention(nn.Module):
             out = attend(q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask,
                          implementation=impl)
         return self.project_out(out), cache
+
+
+def hf_tensors(cfg: AttentionLayerConfig) -> tuple[HFTensor, ...]:
+    """The Llama `self_attn.*` tensors of one layer (HF [out, in] matrices; ours [in.., out..])."""
+    a = cfg.attention
+    d, n, k, h = cfg.hidden_size, a.num_heads, a.num_kv_heads, cfg.head_dim
+    out = []
+    for proj, heads in (("q_proj", n), ("k_proj", k), ("v_proj", k)):
+        out.append(HFTensor(f"self_attn.{proj}.weight", ("mixer", proj, "kernel"), (heads * h, d),
+                            (d, heads, h), True))
+        if a.bias:
+            out.append(HFTensor(f"self_attn.{proj}.bias", ("mixer", proj, "bias"), (heads * h,),
+                                (heads, h), False))
+    out.append(HFTensor("self_attn.o_proj.weight", ("mixer", "o_proj", "kernel"), (d, n * h),
+                        (n, h, d), True))
+    if a.bias:
+        out.append(HFTensor("self_attn.o_proj.bias", ("mixer", "o_proj", "bias"), (d,), (d,),
+                            False))
+    return tuple(out)
+
+
+def flops_per_token(cfg: AttentionLayerConfig, seq_len: int) -> float:
+    """Causal scores and values: the mean query sees seq_len / 2 keys; 2 products of N x H
+    multiply-adds per key, 2 FLOPs each."""
+    return 2.0 * seq_len * cfg.attention.num_heads * cfg.head_dim
+
+
+SPEC = MixerSpec(
+    kind="dense",
+    module=Attention,
+    cache=KVCache,
+    config_cls=AttentionLayerConfig,
+    config_field="attention",
+    context_limited=True,  # every past key, rotated at its true distance
+    context_parallel=("ring", "allgather"),
+    uses_rope=True,
+    padding="segment_ids",
+    cache_growth="linear",
+    hf_tensors=hf_tensors,
+    flops_per_token=flops_per_token,
+)
+
+__all__ = ["SPEC", "Attention", "AttentionLayerConfig", "KVCache", "hf_tensors"]

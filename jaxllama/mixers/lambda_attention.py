@@ -28,15 +28,31 @@ doubles the attention work of that (packed training) path.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxllama.config import LambdaAttentionConfig
+from jaxllama.config import LambdaConfig, ModelConfig
 from jaxllama.kernels.flash_attention.api import BEYOND_WINDOW, ExtraColumns, Mask, attend
 from jaxllama.layers.rope import apply_rope
-from jaxllama.mixers.attention import Attention, rope_for
+from jaxllama.mixers.attention import Attention, AttentionLayerConfig
+from jaxllama.mixers.attention import hf_tensors as attention_tensors
+from jaxllama.mixers.spec import MixerSpec
+from jaxllama.typing import Hidden, Positions, SegmentIds
+
+
+@dataclass(frozen=True)
+class LambdaAttentionConfig(AttentionLayerConfig):
+    """What a lambda layer is built with: the attention layer config and the `lambda:` knobs."""
+
+    lambda_: LambdaConfig
+
+    @classmethod
+    def from_model(cls, cfg: ModelConfig) -> LambdaAttentionConfig:
+        return cls(cfg.hidden_size, cfg.max_position_embeddings, cfg.attention, cfg.lambda_)
 
 NO_SLOT = 2**30  # first_slot of a row that has seen no real token yet
 
@@ -60,9 +76,9 @@ class LambdaCache:
     def init(cls, cfg: LambdaAttentionConfig, batch: int, max_len: int, dtype) -> LambdaCache:
         """`max_len` is accepted for the common cache signature and ignored: the size is fixed."""
         del max_len
-        lam = cfg.lambda_
-        sink = (batch, lam.global_tokens, cfg.num_kv_heads, cfg.head_dim)
-        ring = (batch, lam.window, cfg.num_kv_heads, cfg.head_dim)
+        lam, k = cfg.lambda_, cfg.attention.num_kv_heads
+        sink = (batch, lam.global_tokens, k, cfg.head_dim)
+        ring = (batch, lam.window, k, cfg.head_dim)
         return cls(sink_k=jnp.zeros(sink, dtype), sink_v=jnp.zeros(sink, dtype),
                    sink_segment_ids=jnp.zeros(sink[:2], jnp.int32),
                    ring_k=jnp.zeros(ring, dtype), ring_v=jnp.zeros(ring, dtype),
@@ -136,24 +152,23 @@ class LambdaAttention(Attention):
     loads into it: (x [B T D], positions [B T], cache, segment_ids [B T]) -> (y [B T D], cache)."""
 
     cfg: LambdaAttentionConfig
-    context_limited = False  # G + L keys at distances clipped to D, whatever the position
 
-    def rotations(self, x, positions):
+    def rotations(self, x: Hidden, positions: Positions):
         """q, k rotated at `positions`; q rotated to D; k rotated to 0 ("un-rotated"); v."""
         c = self.cfg
         q, k, v = self.project(x)
-        cos, sin = rope_for(c, positions)
-        cos_d, sin_d = rope_for(c, jnp.full_like(positions, c.lambda_.limit_distance))
-        cos_0, sin_0 = rope_for(c, jnp.zeros_like(positions))
+        cos, sin = c.rope(positions)
+        cos_d, sin_d = c.rope(jnp.full_like(positions, c.lambda_.limit_distance))
+        cos_0, sin_0 = c.rope(jnp.zeros_like(positions))
         return (apply_rope(q, cos, sin), apply_rope(k, cos, sin), apply_rope(q, cos_d, sin_d),
                 apply_rope(k, cos_0, sin_0), v)
 
     @nn.compact
-    def __call__(self, x, positions, cache: LambdaCache | None = None, segment_ids=None):
+    def __call__(self, x: Hidden, positions: Positions, cache: LambdaCache | None = None,
+                 segment_ids: SegmentIds | None = None) -> tuple[Hidden, LambdaCache | None]:
+        # `kernels.context_parallel` is never set here: the spec lists no mode, so the config
+        # refuses it (`mixers.check_model`) before anything is traced.
         lam = self.cfg.lambda_
-        if cache is None and getattr(self.kernels, "context_parallel", "none") != "none":
-            raise NotImplementedError("lambda layers do not support kernels.context_parallel "
-                                      f"{self.kernels.context_parallel!r} (use none)")
         q, k, q_d, k_0, v = self.rotations(x, positions)
         impl = self.kernels.attention
         if cache is None and segment_ids is None:
@@ -182,7 +197,8 @@ class LambdaAttention(Attention):
         """The chunk's T queries over [ring (slots start-L .. start-1) | chunk (start ..
         start+T-1)] with the window, plus the sinks. Positions in the mask are slot - lead.
         One query (decode) reads the ring in place instead: same mask and attend, keys laid out
-        without the per-step chronological copy and concatenation (1.46x decode, BENCHMARKS.md)."""
+        without the per-step chronological copy and concatenation (its decode speed-up is measured in
+        BENCHMARKS.md)."""
         lam = self.cfg.lambda_
         start, w = cache.length, cache.ring_k.shape[1]
         if q.shape[1] == 1:
@@ -218,4 +234,29 @@ class LambdaAttention(Attention):
         return rows[:, 0], cache
 
 
-__all__ = ["LambdaAttention", "LambdaCache", "segment_offsets"]
+def flops_per_token(cfg: LambdaAttentionConfig, seq_len: int) -> float:
+    """Scores and values over the keys a query sees, averaged over the T = seq_len queries:
+    the window (query i sees min(i, L) keys) plus the far sinks (min(G, i - L) beyond L)."""
+    t, w, g = seq_len, cfg.lambda_.window, cfg.lambda_.global_tokens
+    window = t * t / 2 if t <= w else w * w / 2 + (t - w) * w
+    far = t - w if t > w else 0
+    sinks = far * far / 2 if far <= g else g * g / 2 + (far - g) * g
+    return 2.0 * (window + sinks) / t * cfg.attention.num_heads * cfg.head_dim
+
+
+SPEC = MixerSpec(
+    kind="lambda",
+    module=LambdaAttention,
+    cache=LambdaCache,
+    config_cls=LambdaAttentionConfig,
+    config_field="lambda_",
+    context_limited=False,  # G + L keys at distances clipped to D, whatever the position
+    context_parallel=(),
+    uses_rope=True,
+    padding="segment_ids",
+    cache_growth="constant",
+    hf_tensors=attention_tensors,  # dense attention's weights: only the mask differs
+    flops_per_token=flops_per_token,
+)
+
+__all__ = ["SPEC", "LambdaAttention", "LambdaAttentionConfig", "LambdaCache", "segment_offsets"]

@@ -34,7 +34,8 @@ class MixerSpec:
     """A layer kind: its module, cache and sub-config, capabilities, HF tensors and FLOPs.
 
     - `config_field`: the `ModelConfig` field holding this kind's own knobs (None: the kind has
-      none beyond the model's); the mixer's sub-config is `config_cls.from_model(model_cfg)`.
+      none beyond the model's), the same as `config.KIND_FIELDS[kind]` (checked at import); the
+      mixer's sub-config is `config_cls.from_model(model_cfg)`, which holds what it needs.
     - `context_limited`: a sequence must fit in the model's `max_position_embeddings`.
     - `context_parallel`: the `kernels.context_parallel` modes a training pass of this kind runs
       (empty: none; `none` is always allowed).

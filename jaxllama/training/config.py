@@ -30,6 +30,7 @@ from jaxllama.config import (
     apply_overrides,
     from_dict,
     load_yaml,
+    migrate_model_dict,
 )
 from jaxllama.sharding import MeshConfig
 
@@ -169,6 +170,8 @@ def check_model_keys(data: Any, cls: type = ModelConfig, where: str = "model") -
     """Unknown keys and wrong types in a (partial) model mapping, without building the model."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    if cls is ModelConfig:
+        data = migrate_model_dict(data, where)
     hints = typing.get_type_hints(cls)
     fields = {f.name.rstrip("_"): f for f in dataclasses.fields(cls)}
     extra = {"num_layers"} if cls is ModelConfig else set()
@@ -186,7 +189,10 @@ def check_model_keys(data: Any, cls: type = ModelConfig, where: str = "model") -
 
 
 def flatten_overrides(data: dict, prefix: str = "model") -> list[str]:
-    """{"a": {"b": 1}} -> ["model.a.b=1"] (values as JSON, which YAML reads back)."""
+    """{"a": {"b": 1}} -> ["model.a.b=1"] (values as JSON, which YAML reads back); a model
+    mapping's keys of earlier versions are migrated first (`migrate_model_dict`)."""
+    if prefix == "model":
+        data = migrate_model_dict(data)
     out = []
     for key, value in data.items():
         if isinstance(value, dict) and value:

@@ -1,9 +1,9 @@
 """Throughput accounting (FLOPs per token, MFU) and metric sinks: JSONL, TensorBoard, progress bar.
 
 FLOPs per token for a step (forward + backward = 3 x forward): 6 x the matmul parameters (every
-projection, MLP and the LM head, which counts once even when tied; embedding lookups are free)
-plus the causal attention scores and values, 6 x T x N x H per attention layer (the mean query
-sees T / 2 keys; 2 matmuls; 2 FLOPs per multiply-add). MFU divides the achieved rate by the peak:
+`kernel`: projections, MLP and the LM head, which counts once even when tied; embedding lookups
+are free) plus 3 x each layer's own forward FLOPs per token (its spec's `flops_per_token`:
+attention scores and values, scans). MFU divides the achieved rate by the peak:
 `log.peak_tflops` when set, a table of accelerators by device kind, or on CPU a measured float32
 matmul rate (the simulated CPU devices share one host, so that is the whole run's peak).
 """
@@ -15,7 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from jaxllama.config import ModelConfig
+from jaxllama.mixers import spec_of
+from jaxllama.model import init_params
 
 # dense bf16 peak FLOP/s per device, by a substring of `device.device_kind`
 PEAK_FLOPS = (
@@ -25,23 +29,23 @@ PEAK_FLOPS = (
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul per token (all but the embedding lookup)."""
-    a = cfg.attention
-    d, n, k, h = cfg.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim
-    per_layer = d * n * h + 2 * d * k * h + n * h * d + 3 * d * cfg.intermediate_size
-    return cfg.num_layers * per_layer + d * cfg.vocab_size
+    """Parameters that take part in a matmul per token: every `kernel` leaf of the model (shapes
+    only, nothing allocated), plus the tied LM head, which is the embedding table."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    leaves = jax.tree_util.tree_leaves_with_path(shapes)
+    n = sum(x.size for path, x in leaves if getattr(path[-1], "key", None) == "kernel")
+    return n + (cfg.hidden_size * cfg.vocab_size if cfg.tie_word_embeddings else 0)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) at sequence length `seq_len`."""
-    a = cfg.attention
-    attention_layers = sum(kind in ("dense", "lambda") for kind in cfg.layer_pattern)
-    return 6.0 * matmul_params(cfg) + 6.0 * attention_layers * seq_len * a.num_heads * a.head_dim
+    mixing = sum(spec_of(kind).flops_per_token(spec_of(kind).config(cfg), seq_len)
+                 for kind in cfg.layer_pattern)
+    return 6.0 * matmul_params(cfg) + 3.0 * mixing
 
 
 def measure_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
     """float32 matmul FLOP/s of this host (all cores), for CPU MFU."""
-    import jax
     import jax.numpy as jnp
 
     x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
@@ -57,8 +61,6 @@ def measure_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
 
 def peak_flops(peak_tflops_per_device: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s of the whole run, where the number comes from)."""
-    import jax
-
     n = jax.device_count()
     if peak_tflops_per_device > 0:
         return peak_tflops_per_device * 1e12 * n, "config"

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllama.checkpoint.hub import parse_hub_id
-from jaxllama.config import ConfigError, apply_overrides, from_dict, load_yaml
+from jaxllama.config import ConfigError, apply_overrides, from_dict, load_yaml, migrate_model_dict
 from jaxllama.training.config import (
     TrainConfig,
     check_against_devices,
@@ -113,13 +113,13 @@ def stage_config(recipe: RecipeConfig, i: int) -> TrainConfig:
     else:  # the previous stage's export carries the whole model config
         model = {"kernels": copy.deepcopy(base.model.get("kernels", {}))}
         init = dataclasses.replace(base.init, checkpoint=str(stage_dir(recipe, i - 1) / "final"))
+    model = migrate_model_dict(model)
     merged_attention = {**model.get("attention", {}), **attention}
     merged_attention["rope"] = {**model.get("attention", {}).get("rope", {}), **rope}
-    # the context the model has been trained for so far (never shrinks from stage to stage)
-    max_pos = base.model.get("attention", {}).get("max_position_embeddings", 0)
-    merged_attention["max_position_embeddings"] = max(
-        [max_pos] + [s.seq_len for s in recipe.stages[: i + 1]])
     model["attention"] = merged_attention
+    # the context the model has been trained for so far (never shrinks from stage to stage)
+    max_pos = migrate_model_dict(base.model).get("max_position_embeddings", 0)
+    model["max_position_embeddings"] = max([max_pos] + [s.seq_len for s in recipe.stages[: i + 1]])
     train = dataclasses.replace(base.train, seq_len=st.seq_len, steps=st.steps,
                                 lr=st.lr or base.train.lr,
                                 batch_size=st.batch_size or base.train.batch_size)
@@ -179,8 +179,6 @@ def validate_train_config(cfg: TrainConfig, devices: int = 0, name: str = "") ->
     from jaxllama.training.trainer import init_state_shapes
 
     devices = devices or jax.device_count()
-    cp = cfg.model.get("kernels", {}).get("context_parallel", "none")
-    sizes = check_against_devices(cfg, devices, 1, cp)
     ckpt = cfg.init.checkpoint
     if ckpt and not cfg.model_preset and (ckpt == "embedded" or Path(ckpt).exists()
                                           or parse_hub_id(ckpt)):
@@ -189,6 +187,7 @@ def validate_train_config(cfg: TrainConfig, devices: int = 0, name: str = "") ->
         model_cfg = load_model(cfg).config  # the checkpoint's config plus the `model` overrides
     else:
         model_cfg = resolve_model_config(cfg)
+    sizes = check_against_devices(cfg, devices, 1, model_cfg.kernels.context_parallel)
     model = Transformer(model_cfg)
     t = cfg.train
     tx = make_optimizer(lr_schedule(t.lr, t.steps, t.warmup_steps, t.schedule, t.min_lr_ratio),
@@ -228,10 +227,11 @@ def validate_recipe(recipe: RecipeConfig) -> list[str]:
     for i, st in enumerate(recipe.stages):
         cfg = stage_config(recipe, i)
         if i > 0:  # its checkpoint does not exist yet: same model as the base, this stage's rope
-            model = copy.deepcopy(recipe.base.model)
+            model = migrate_model_dict(copy.deepcopy(recipe.base.model))
             model["attention"] = {**model.get("attention", {}), **cfg.model["attention"],
                                   "rope": {**model.get("attention", {}).get("rope", {}),
                                            **cfg.model["attention"]["rope"]}}
+            model["max_position_embeddings"] = cfg.model["max_position_embeddings"]
             cfg = cfg.replace(model=model)
         lines.append(validate_train_config(cfg, recipe.devices, f"stage {st.name}"))
     return lines

@@ -152,9 +152,9 @@ def export(cfg: TrainConfig, bundle: ModelBundle, params) -> None:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train per `cfg`. Returns {step, loss, losses: {step: loss}, stopped: signal name or None}."""
     init_distributed(cfg.distributed)
-    cp = cfg.model.get("kernels", {}).get("context_parallel", "none")
-    sizes = check_against_devices(cfg, jax.device_count(), jax.process_count(), cp)
-    bundle = load_model(cfg)
+    bundle = load_model(cfg)  # the resolved model config decides the zigzag sequence layout
+    sizes = check_against_devices(cfg, jax.device_count(), jax.process_count(),
+                                  bundle.config.kernels.context_parallel)
     mesh = make_mesh(cfg.mesh)
     model = Transformer(bundle.config)
     t = cfg.train

@@ -118,7 +118,7 @@ def test_rope_freqs_table_kept_exactly(tmp_path):
     table = np.random.default_rng(0).uniform(1.0, 3.0, 8)
     write_gguf(tmp_path / "t.gguf", model, rope_freqs=table)
     cfg = load_checkpoint(tmp_path / "t.gguf").config
-    inv, factor = rope_frequencies(cfg.attention.rope, 16, cfg.attention.max_position_embeddings,
+    inv, factor = rope_frequencies(cfg.attention.rope, 16, cfg.max_position_embeddings,
                                    seq_len=10_000)
     want = (1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)) / table
     np.testing.assert_allclose(np.asarray(inv), want, rtol=1e-6)

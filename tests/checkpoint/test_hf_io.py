@@ -1,6 +1,7 @@
 """HF directories: one-line errors naming tensor and file, export round trips through transformers,
 atomic writes."""
 
+import dataclasses
 import json
 
 import jax
@@ -11,8 +12,9 @@ from parity.tiny_llama import hf_logits, our_logits, random_ids, save_model, tin
 from safetensors.numpy import load_file, save_file
 
 from jaxllama.checkpoint import CheckpointError, load_checkpoint, save_hf
-from jaxllama.checkpoint.base import tensor_specs
-from jaxllama.model import init_params
+from jaxllama.checkpoint.base import relayout, tensor_specs, with_overrides
+from jaxllama.mixers import REGISTRY
+from jaxllama.model import init_params, unstack
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +205,35 @@ def test_bf16_source_upcast_to_float32_is_exact(tmp_path):
     want = model.model.layers[1].mlp.down_proj.weight.detach().to(torch.bfloat16).float().numpy()
     got = np.asarray(ckpt.params["run_0"]["block"]["mlp"]["down"]["kernel"][1])
     np.testing.assert_array_equal(got, want.T)
+
+
+def test_relayout_moves_layers_through_the_per_layer_view(tiny_dir):
+    """relayout(plain -> dense*1,lambda*1) puts layer l's tree at layer l of the new runs, and
+    back again gives the original tree leaf for leaf."""
+    plain = load_checkpoint(tiny_dir)
+    mixed = with_overrides(plain.config, ["layer_pattern=dense*1,lambda*1", "lambda.window=8"])
+    moved = relayout(plain.params, plain.config, mixed)
+    assert sorted(moved) == sorted(k for k in plain.params if k != "run_0") + ["run_0", "run_1"]
+    for a, b in zip(unstack(mixed, moved), unstack(plain.config, plain.params), strict=True):
+        jax.tree.map(np.testing.assert_array_equal, a, b)
+    back = relayout(moved, mixed, plain.config)
+    jax.tree.map(np.testing.assert_array_equal, back, plain.params)
+    bigger = with_overrides(plain.config, ["intermediate_size=48"])
+    with pytest.raises(CheckpointError, match=r"overrides: layer 0 mlp/down/kernel would change"):
+        relayout(plain.params, plain.config, bigger)
+
+
+def test_a_kind_without_hf_tensors_is_refused_naming_layer_and_kind(tiny_dir, tmp_path,
+                                                                    monkeypatch):
+    """A registered kind whose spec has no HF table: export and import each fail in one line
+    naming the first such layer, and nothing is written."""
+    plain = load_checkpoint(tiny_dir)
+    monkeypatch.setitem(REGISTRY, "lambda", dataclasses.replace(REGISTRY["lambda"],
+                                                                hf_tensors=None))
+    mixed = with_overrides(plain.config, ["layer_pattern=dense*1,lambda*1", "lambda.window=8"])
+    with pytest.raises(CheckpointError, match=r"^layer 1: layer kind 'lambda' has no HF checkpoint "
+                                              r"layout$"):
+        save_hf(mixed, relayout(plain.params, plain.config, mixed), None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    one_line_error(tiny_dir, ["layer 1: layer kind 'lambda' has no HF checkpoint layout"],
+                   overrides=["model.layer_pattern=dense*1,lambda*1", "model.lambda.window=8"])

@@ -18,8 +18,8 @@ V = 97
 
 def tiny(tied: bool, layers=("dense",) * 3, **kw) -> ModelConfig:
     return ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, layer_pattern=layers,
+                       max_position_embeddings=64,
                        attention=AttentionConfig(num_heads=4, num_kv_heads=2,
-                                                 max_position_embeddings=64,
                                                  rope=RopeConfig(theta=500.0)),
                        tie_word_embeddings=tied, **kw)
 

@@ -9,16 +9,20 @@ import pytest
 
 from jaxllama.config import AttentionConfig, LambdaConfig, ModelConfig
 from jaxllama.mixers.attention import Attention
-from jaxllama.mixers.lambda_attention import LambdaAttention, LambdaCache, segment_offsets
+from jaxllama.mixers.lambda_attention import (
+    LambdaAttention,
+    LambdaAttentionConfig,
+    LambdaCache,
+    segment_offsets,
+)
 from jaxllama.model import Transformer, init_cache
 
 
 def mixer_cfg(g, w, d=None, n=4, k=2, h=8, hidden=24):
-    return ModelConfig(vocab_size=8, hidden_size=hidden, intermediate_size=8,
-                       layer_pattern=("lambda",),
-                       attention=AttentionConfig(num_heads=n, num_kv_heads=k, head_dim=h),
-                       lambda_=LambdaConfig(global_tokens=g, window=w, distance=d)
-                       ).mixer_config("lambda")
+    return LambdaAttentionConfig.from_model(ModelConfig(
+        vocab_size=8, hidden_size=hidden, intermediate_size=8, layer_pattern=("lambda",),
+        attention=AttentionConfig(num_heads=n, num_kv_heads=k, head_dim=h),
+        lambda_=LambdaConfig(global_tokens=g, window=w, distance=d)))
 
 
 def init_mixer(cfg, seed=0):

@@ -10,7 +10,7 @@ import pytest
 
 from jaxllama.checkpoint import load_checkpoint
 from jaxllama.config import AttentionConfig, LambdaConfig, ModelConfig
-from jaxllama.mixers.lambda_attention import LambdaAttention, LambdaCache
+from jaxllama.mixers.lambda_attention import LambdaAttention, LambdaAttentionConfig, LambdaCache
 from jaxllama.model import Transformer, init_cache
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "lm-infinite-tiny"
@@ -55,15 +55,15 @@ def core_module():
     """A lambda layer whose projections are identities onto q | k | v: the module then computes
     exactly the reference's core (RoPE, lambda scores, softmax, values) on given q, k, v."""
     mcfg = ModelConfig(vocab_size=8, hidden_size=192, intermediate_size=8, layer_pattern=("lambda",),
-                       attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16,
-                                                 max_position_embeddings=64),
+                       max_position_embeddings=64,
+                       attention=AttentionConfig(num_heads=4, num_kv_heads=4, head_dim=16),
                        lambda_=LambdaConfig(global_tokens=4, window=16, distance=16))
     eye = np.eye(192, dtype=np.float32)
     params = {"q_proj": {"kernel": eye[:, :64].reshape(192, 4, 16)},
               "k_proj": {"kernel": eye[:, 64:128].reshape(192, 4, 16)},
               "v_proj": {"kernel": eye[:, 128:].reshape(192, 4, 16)},
               "o_proj": {"kernel": eye[:64].reshape(4, 16, 192)}}
-    return mcfg.mixer_config("lambda"), params
+    return LambdaAttentionConfig.from_model(mcfg), params
 
 
 def heads_to_x(*arrays):
@@ -102,6 +102,6 @@ def test_layer0_attention_module(checkpoint, case):
     layer0 = jax.tree.map(lambda a: a[0], checkpoint.params["run_0"]["block"]["mixer"])
     hidden, out = load(f"attn_layer0_{case}_hidden"), load(f"attn_layer0_{case}_out")
     t = hidden.shape[1]
-    y, _ = jax.jit(LambdaAttention(cfg.mixer_config("lambda")).apply)(
+    y, _ = jax.jit(LambdaAttention(LambdaAttentionConfig.from_model(cfg)).apply)(
         {"params": layer0}, jnp.asarray(hidden), jnp.arange(t)[None])
     np.testing.assert_allclose(np.asarray(y), out, atol=1e-5, rtol=0)

@@ -62,7 +62,7 @@ def test_inv_freq_and_attention_factor(name, seq_len):
     raw = hf.to_dict()
     cfg = config_from_hf(raw, "config.json")
     got, got_af = rope_frequencies(cfg.attention.rope, cfg.attention.head_dim,
-                                   cfg.attention.max_position_embeddings, seq_len)
+                                   cfg.max_position_embeddings, seq_len)
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-6, atol=0)
     assert float(got_af) == pytest.approx(float(want_af), rel=1e-6)
 

@@ -15,8 +15,8 @@ from jaxllama.training.data import DataLoader, byte_tokenizer
 from jaxllama.training.trainer import run
 
 CFG = ModelConfig(vocab_size=264, hidden_size=32, intermediate_size=64, layer_pattern=("dense",) * 2,
-                  attention=AttentionConfig(num_heads=4, num_kv_heads=2,
-                                            max_position_embeddings=128))
+                  max_position_embeddings=128,
+                  attention=AttentionConfig(num_heads=4, num_kv_heads=2))
 
 
 def test_init_from_hf_train_and_export(tmp_path):

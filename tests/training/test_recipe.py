@@ -29,7 +29,7 @@ def test_llama3_8b_1048k_recipe_validates():
     cfg = stage_config(recipe, 3)
     assert cfg.init.checkpoint.endswith("524k/final")
     assert cfg.model["attention"]["rope"]["theta"] == 2_804_339_835
-    assert cfg.model["attention"]["max_position_embeddings"] == 2 ** 20
+    assert cfg.model["max_position_embeddings"] == 2 ** 20
 
 
 def test_tiny_recipe_stages_chain(tmp_path, monkeypatch):
@@ -45,7 +45,7 @@ def test_tiny_recipe_stages_chain(tmp_path, monkeypatch):
     first = load_checkpoint(str(tmp_path / "s32" / "final"))
     second = load_checkpoint(str(tmp_path / "s64" / "final"))
     assert first.config.attention.rope.theta == 10000 and second.config.attention.rope.theta == 40000
-    assert second.config.attention.max_position_embeddings == 256
+    assert second.config.max_position_embeddings == 256
     # stage 2 started from stage 1's weights with the new theta: its first logged loss is the
     # loss of stage 1's final model (theta 40000) on stage 2's first batch
     cfg2 = stage_config(recipe, 1)
