@@ -260,3 +260,49 @@ def stack_params(cfg: ModelConfig, params: dict) -> dict:
         rest.pop("lm_head", None)
     return stack(cfg, unstack(cfg, params), rest)
 
+
+def _paths(tree, prefix=()) -> dict[tuple, tuple]:
+    """{path: shape} of every leaf of a nested dict of arrays (or ShapeDtypeStructs)."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_paths(v, prefix + (k,)))
+        return out
+    return {prefix: tuple(tree.shape)}
+
+
+def first_mismatch(got, want) -> tuple[str, tuple | None, tuple | None] | None:
+    """The first path whose presence or shape differs between two params trees (nested dicts of
+    arrays, ShapeDtypeStructs or anything with `.shape`): (path "a/b/c", shape in `got` or None
+    when absent, shape in `want` or None when absent); None when the trees agree."""
+    a, b = _paths(got), _paths(want)
+    for path in list(b) + [p for p in a if p not in b]:
+        if a.get(path) != b.get(path):
+            return "/".join(map(str, path)), a.get(path), b.get(path)
+    return None
+
+
+def relayout_params(params: dict, old: ModelConfig, new: ModelConfig) -> dict:
+    """A params tree of `old` for the config `new` (overrides may regroup the runs, e.g.
+    dense*2,lambda*28, through the per-layer view). Every leaf must keep its path and its
+    per-layer shape; ValueError naming the first that does not."""
+    key = jax.random.key(0)
+    if old.runs == new.runs:
+        got, want = params, jax.eval_shape(lambda: init_params(new, key))
+    elif old.num_layers != new.num_layers:
+        raise ValueError(f"{old.num_layers} layers cannot become {new.num_layers}")
+    else:
+        layers = unstack(old, params)
+        got = {"rest": _rest(params), **{f"layer_{i}": t for i, t in enumerate(layers)}}
+        want = jax.eval_shape(lambda: unstack_params(new, init_params(new, key)))
+        want = {"rest": _rest(want), **{k: v for k, v in want.items() if k not in _rest(want)}}
+    bad = first_mismatch(got, want)
+    if bad is not None:
+        path, a, b = bad
+        path = path.removeprefix("rest/")
+        if a is None or b is None:
+            what = "not in the params" if a is None else "not in the new config"
+            raise ValueError(f"{path}: {what} (only the layer pattern and shape-preserving "
+                             "fields may change)")
+        raise ValueError(f"{path} would change shape {list(a)} -> {list(b)}")
+    return params if old.runs == new.runs else stack(new, layers, _rest(params))
