@@ -22,16 +22,18 @@ import jax.numpy as jnp
 
 from jaxllama.checkpoint import load_checkpoint
 from jaxllama.checkpoint.base import relayout, with_overrides
-from jaxllama.inference.decode import decode_step, decode_weights, stacked_to_layers
+from jaxllama.inference.decode import DecodeLayout, decode_weights
 from jaxllama.kvcache import plan
 from jaxllama.mixers.attention import KVCache
 from jaxllama.mixers.lambda_attention import LambdaCache
 from jaxllama.model import init_cache
 
+LAYOUT = DecodeLayout(unstacked=True, separate_head=True)  # the engine's CPU decode layout
+
 
 def filled_cache(cfg, n: int, seed: int):
     """Per-layer caches holding n tokens of random keys/values (scale of real ones: ~unit)."""
-    caches = stacked_to_layers(cfg, init_cache(cfg, 1, n + 1024))
+    caches = init_cache(cfg, 1, n + 1024, dtype=jnp.float32, unstacked=True)
     key = jax.random.key(seed)
     out = []
     for i, c in enumerate(caches):
@@ -54,17 +56,19 @@ def filled_cache(cfg, n: int, seed: int):
         else:
             raise TypeError(f"no filler for {type(c).__name__}")
         out.append(c)
-    return out
+    return tuple(out)
 
 
 def decode_loop(cfg, steps: int):
     """jit: (weights, caches, first token, start position) -> tokens [steps], greedy."""
 
+    model = LAYOUT.model(cfg)
+
     def run(weights, caches, tok, pos):
         def body(i, state):
             tok, caches, out = state
-            logits, caches = decode_step(cfg, weights, tok[None, None], (pos + i)[None, None],
-                                         caches)
+            logits, caches = model.apply({"params": weights}, tok[None, None],
+                                         (pos + i)[None, None], caches)
             new = jnp.argmax(logits[0, 0]).astype(jnp.int32)
             return new, caches, out.at[i].set(new)
 
@@ -76,7 +80,7 @@ def decode_loop(cfg, steps: int):
 
 def bench(cfg, params, n: int, steps: int, repeats: int) -> tuple[float, float]:
     """(tokens/s, seconds to compile + warm up)."""
-    weights = decode_weights(cfg, params, jnp.float32, unrolled=True)
+    weights = decode_weights(cfg, params, jnp.float32, LAYOUT)
     caches = filled_cache(cfg, n, seed=n)
     fn = decode_loop(cfg, steps)
     tok, pos = jnp.asarray(1, jnp.int32), jnp.asarray(n, jnp.int32)

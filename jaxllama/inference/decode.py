@@ -1,89 +1,68 @@
-"""One decode step (T new tokens through every layer) over decode-ready weights.
+"""The decode layout of the weights: a re-layout and cast of the model's params, not another model.
 
-Why a separate weight layout for decoding: the model stores each run of layers stacked
-([layers, ...]) so that training and prefill compile one scanned block. Inside a scanned loop XLA
-reads layer l's weights with a dynamic slice, and on CPU that slice is a copy: a one-token step,
-which is bound by reading the weights once, then reads and writes every weight two extra times
-(measured: 10 tok/s scanned vs 23 tok/s with separate per-layer buffers for SmolLM2-135M, before
-other changes). `DecodeWeights` therefore holds every layer's weights as separate arrays and
-`decode_step` unrolls the layer loop over them (compile time grows with depth: about 7 s for 30
-layers here). `unrolled=False` keeps the stacked layout and the model's own scanned forward, for
-accelerators and very deep models.
+Decoding runs the same `Transformer` as prefill and training; only the layout of its params may
+differ (`DecodeLayout`, chosen per platform by `engine_defaults`):
 
-The tied LM head is stored transposed ([D V]): XLA CPU's matrix-vector product reads a [D V]
-operand about 1.4x faster than contracting the last axis of [V D].
+- stacked (`unstacked=False`): the params as they are, scanned runs, the model cache as prefill
+  writes it. Nothing is copied when the decode dtype is the param dtype.
+- unstacked (`unstacked=True`): one block per layer (`Transformer(unstacked=True)`), with one cache
+  per layer. On CPU a scanned loop reads each layer's weights through a dynamic slice that XLA:CPU
+  materializes as a copy, and a one-token step is bound by reading the weights once, so separate
+  per-layer buffers are faster there; the unrolled layer loop's compile time grows with depth.
+- `separate_head=True` (tied embeddings): the LM head reads a transposed [D V] copy of the table,
+  which XLA:CPU's matrix-vector product reads faster than the [V D] table.
+
+Measured figures are in BENCHMARKS.md (decode layout and generation tables).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
-from flax import struct
 
-from jaxllama.block import Block
 from jaxllama.config import ModelConfig
-from jaxllama.layers.basic import RMSNorm, dtype_of
-from jaxllama.model import Transformer
+from jaxllama.model import Transformer, unstack, unstack_params
 
 
-@struct.dataclass
-class DecodeWeights:
-    """Weights in decode layout. Unrolled: `layers` is a tuple of per-layer block trees (the
-    `run_r/block` tree without its layer axis); scanned: `stacked` is the model's params tree."""
+@dataclass(frozen=True)
+class DecodeLayout:
+    """How decode holds the weights and caches (see the module docstring)."""
 
-    embed: jax.Array | None = None  # [V D]
-    lm_head: jax.Array | None = None  # [D V]
-    norm: jax.Array | None = None  # [D]
-    layers: tuple | None = None
-    stacked: dict | None = None
+    unstacked: bool = False  # per-layer weights `layer_{l}` and per-layer caches
+    separate_head: bool = False  # the LM head as its own [D V] kernel (a tied table transposed)
 
-
-def decode_weights(cfg: ModelConfig, params, dtype, unrolled: bool = True) -> DecodeWeights:
-    """Re-lay `params` (the model tree) for decoding, cast to the decode compute `dtype`."""
-    cast = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(dtype), t))
-    if not unrolled:
-        return DecodeWeights(stacked=cast(params))
-    layers = []
-    for r, (_, n) in enumerate(cfg.runs):
-        run = params[f"run_{r}"]["block"]
-        for j in range(n):
-            layers.append(cast(jax.tree.map(lambda a, j=j: a[j], run)))
-    embed = params["embed"]["embedding"]
-    head = embed if cfg.tie_word_embeddings else params["lm_head"]["kernel"].T
-    return DecodeWeights(embed=cast(embed), lm_head=cast(jnp.asarray(head).T),
-                         norm=cast(params["norm"]["scale"]), layers=tuple(layers))
+    def model(self, cfg: ModelConfig) -> Transformer:
+        """The decode model: `cfg.dtype` is the decode compute dtype."""
+        return Transformer(cfg, unstacked=self.unstacked, separate_head=self.separate_head)
 
 
-def stacked_to_layers(cfg: ModelConfig, cache: tuple) -> list:
-    """Model cache (one stacked cache per run) -> list of per-layer caches."""
-    out = []
-    for (_, n), run_cache in zip(cfg.runs, cache):
-        out += [jax.tree.map(lambda a, j=j: a[j], run_cache) for j in range(n)]
-    return out
+def decode_weights(cfg: ModelConfig, params: dict, dtype, layout: DecodeLayout) -> dict:
+    """`params` (the model's stacked tree) re-laid for `layout` and cast to `dtype`.
+
+    The stacked layout in the params' own dtype returns `params` itself: no second copy of the
+    weights. Otherwise one jitted pass writes the new tree (slices and casts fused)."""
+    dtype = jnp.dtype(dtype)
+    if not layout.unstacked and not layout.separate_head and all(
+            a.dtype == dtype for a in jax.tree.leaves(params)):
+        return params
+
+    def relayout(p):
+        if layout.unstacked:
+            p = unstack_params(cfg, p, separate_head=layout.separate_head)
+        elif layout.separate_head and "lm_head" not in p:
+            p = {**p, "lm_head": {"kernel": p["embed"]["embedding"].T}}
+        return jax.tree.map(lambda a: a.astype(dtype), p)
+
+    return jax.jit(relayout)(params)
 
 
-def decode_step(cfg: ModelConfig, weights: DecodeWeights, tokens, positions, caches):
-    """tokens, positions [B T] -> (float32 logits [B T V], caches).
-
-    `cfg.dtype` is the compute dtype. Caches are per layer (unrolled) or the model cache
-    (scanned). New tokens get segment id 1: padding only ever comes from the prompt.
-    """
-    segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    if weights.stacked is not None:
-        return Transformer(cfg).apply({"params": weights.stacked}, tokens, positions, caches,
-                                      segment_ids)
-    dt = dtype_of(cfg.dtype)
-    x = jnp.take(weights.embed, tokens, axis=0).astype(dt)  # [B T D]
-    new_caches = []
-    for kind, lp, lc in zip(cfg.layer_pattern, weights.layers, caches):
-        x, lc = Block(cfg, kind).apply({"params": lp}, x, positions, lc, segment_ids)
-        new_caches.append(lc)
-    h = RMSNorm(cfg.rms_norm_eps, dtype=dt, param_dtype=dt).apply(
-        {"params": {"scale": weights.norm}}, x)
-    # [B T D] x [D V] -> [B T V], accumulated in float32 like the model's LM head
-    logits = jnp.einsum("btd,dv->btv", h, weights.lm_head.astype(dt),
-                        preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32), new_caches
+def decode_caches(cfg: ModelConfig, cache: tuple, layout: DecodeLayout) -> tuple:
+    """The model cache as prefill writes it (one stacked cache per run) in `layout`'s form: per
+    layer when unstacked, unchanged otherwise. Called inside a jit that donates `cache`, so the
+    stacked copy is freed once the per-layer one exists."""
+    return tuple(unstack(cfg, cache)) if layout.unstacked else cache
 
 
-__all__ = ["DecodeWeights", "decode_step", "decode_weights", "stacked_to_layers"]
+__all__ = ["DecodeLayout", "decode_caches", "decode_weights"]

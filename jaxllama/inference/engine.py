@@ -15,27 +15,33 @@ so one compiled loop serves both uses: without streaming, one dispatch runs the 
 with streaming, each dispatch runs `stream_every` tokens (default 1) on the donated loop state and
 the host hands them out. Chosen over an `io_callback` inside the loop: executables holding host
 callbacks are not kept by JAX's persistent compilation cache, and the CLI's streamed run is its
-main use (a 30-layer unrolled loop takes tens of seconds to compile here); the extra cost is one
-dispatch per streamed token (well under a millisecond, against a 30-50 ms step on this CPU).
+main use (an unrolled layer loop is slow to compile); the extra cost is one dispatch per streamed
+token, small against a decode step.
 
-Precision per phase (`prefill_dtype`, `decode_dtype`; the KV cache is float32 by default, so a
-bfloat16 prefill writes a cache that a float32 decode reads without conversions). On accelerators
-both phases default to the parameter dtype. On CPU both default to float32, whatever the parameter
-dtype: decode is bound by reading the weights once per token with matrix-vector products, which
-XLA:CPU runs about 25x slower in bfloat16 than in float32, so the decode weights are kept as a
-float32 copy; and on CPUs without bfloat16 matrix units (AVX2 only, as measured here) XLA:CPU
-upcasts bfloat16 matrix products to float32 anyway, so a bfloat16 prefill only adds conversions.
-bfloat16 parameters then still halve the memory of the stored (prefill) weights. On a CPU with
-bfloat16 units (AVX512_BF16 / AMX, see `cpu_has_bfloat16_units`) bfloat16 parameters prefill in
-bfloat16 by default: the matrix products take bfloat16 inputs and accumulate in float32, about 1.9x
-XLA:CPU's float32 rate there (862 vs 453 GFLOP/s on a 2-core AVX512_BF16 EPYC,
-`scripts/bench_cpu_prefill.py`), while decode stays float32 (bfloat16 matrix-vector products read
-25-33x slower there).
+Defaults per platform (`engine_defaults`, a pure function of the platform name, tested for each).
+On GPU and TPU both phases compute in the parameter dtype, the cache is in that compute dtype and
+decode uses the params in place (stacked, scanned: no copy of the weights). On CPU decode is bound
+by reading the weights once per token with matrix-vector products, which XLA:CPU runs far slower in
+bfloat16 than in float32, and it reads per-layer buffers faster than slices of stacked ones; so CPU
+decodes in float32 from an unstacked float32 copy of the weights (`DecodeLayout`, with the tied head
+transposed) over a float32 cache. bfloat16 parameters then still halve the memory of the stored
+(prefill) weights. CPU prefill computes in float32, except bfloat16 parameters on a CPU with
+bfloat16 matrix units (AVX512_BF16 / AMX, see `cpu_has_bfloat16_units`), where bfloat16 products
+with float32 accumulation are faster; without such units XLA:CPU upcasts them anyway. The measured
+figures behind each choice are in BENCHMARKS.md (`scripts/bench_cpu_prefill.py`,
+`scripts/bench_generate.py`).
+
+Prefill writes the stacked model cache; the call that starts the decode loop takes it donated.
+Where the decode layout keeps it stacked, the loop state holds those very buffers (aliased, no
+copy). On CPU that call slices it into per-layer caches, so both exist for the duration of that one
+call, and the stacked buffers, which XLA cannot alias to differently shaped outputs, are freed
+right after it (`free_donated`): the decode loop never holds two caches.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -47,7 +53,7 @@ import numpy as np
 from flax import struct
 
 from jaxllama.config import ModelConfig
-from jaxllama.inference.decode import DecodeWeights, decode_step, decode_weights, stacked_to_layers
+from jaxllama.inference.decode import DecodeLayout, decode_caches, decode_weights
 from jaxllama.inference.sampling import SamplingConfig, sample
 from jaxllama.layers.basic import dtype_of
 from jaxllama.mixers import spec_of
@@ -60,8 +66,8 @@ CACHE_ROUND = 128
 
 def cpu_has_bfloat16_units() -> bool:
     """True when the host CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX-BF16 in
-    /proc/cpuinfo), with which XLA:CPU's bfloat16 matrix products (float32 accumulation) run about
-    1.9x its float32 ones; False elsewhere, or when it cannot tell."""
+    /proc/cpuinfo), with which XLA:CPU's bfloat16 matrix products (float32 accumulation) run faster
+    than its float32 ones (BENCHMARKS.md); False elsewhere, or when it cannot tell."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -71,6 +77,36 @@ def cpu_has_bfloat16_units() -> bool:
     except OSError:
         pass
     return False
+
+
+def free_donated(tree) -> None:
+    """Free the buffers of a donated argument that XLA could not alias to an output (a stacked
+    cache re-laid per layer): JAX keeps those alive while Python holds them."""
+    for a in jax.tree.leaves(tree):
+        if not a.is_deleted():
+            a.delete()
+
+
+@dataclass(frozen=True)
+class EngineDefaults:
+    """What an `Engine` uses when not told otherwise (see the module docstring)."""
+
+    prefill_dtype: str
+    decode_dtype: str
+    cache_dtype: str
+    layout: DecodeLayout
+
+
+def engine_defaults(platform: str, param_dtype: str, cpu_has_bf16: bool) -> EngineDefaults:
+    """Defaults for `platform` (`jax.default_backend()`: "cpu", "gpu", "cuda", "rocm", "tpu"):
+    CPU decodes in float32 from an unstacked copy with a float32 cache (bfloat16 prefill only for
+    bfloat16 params with `cpu_has_bf16` units); every other platform computes in `param_dtype`,
+    caches in it and decodes from the params in place."""
+    if platform.lower() != "cpu":
+        return EngineDefaults(param_dtype, param_dtype, param_dtype, DecodeLayout())
+    prefill = "bfloat16" if param_dtype == "bfloat16" and cpu_has_bf16 else "float32"
+    return EngineDefaults(prefill, "float32", "float32",
+                          DecodeLayout(unstacked=True, separate_head=True))
 
 
 class GenerationError(ValueError):
@@ -137,28 +173,36 @@ class Engine:
     """Prefill + decode for one model and one set of parameters (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig, params, *, prefill_dtype: str | None = None,
-                 decode_dtype: str | None = None, cache_dtype: str = "float32",
-                 unrolled: bool = True, prefill_chunk: int = 2048, min_bucket: int = 16,
-                 stream_every: int = 1):
-        on_cpu = jax.default_backend() == "cpu"
+                 decode_dtype: str | None = None, cache_dtype: str | None = None,
+                 unstacked: bool | None = None, separate_head: bool | None = None,
+                 prefill_chunk: int = 2048, min_bucket: int = 16, stream_every: int = 1,
+                 platform: str | None = None):
+        """Unset options take `engine_defaults(platform)` (default: `jax.default_backend()`);
+        `unstacked` / `separate_head` choose the `DecodeLayout`."""
+        platform = platform or jax.default_backend()
+        on_cpu = platform.lower() == "cpu"
+        d = engine_defaults(platform, cfg.param_dtype, on_cpu and cpu_has_bfloat16_units())
         self.cfg = cfg
         self.params = params
-        default = "float32" if on_cpu else cfg.param_dtype
-        prefill_default = ("bfloat16" if on_cpu and cfg.param_dtype == "bfloat16"
-                           and cpu_has_bfloat16_units() else default)
-        self.prefill_cfg = cfg.replace(dtype=prefill_dtype or prefill_default)
-        self.decode_cfg = cfg.replace(dtype=decode_dtype or default)
-        self.cache_dtype = dtype_of(cache_dtype)
-        self.unrolled = unrolled
+        self.prefill_cfg = cfg.replace(dtype=prefill_dtype or d.prefill_dtype)
+        self.decode_cfg = cfg.replace(dtype=decode_dtype or d.decode_dtype)
+        # the cache follows an explicit decode dtype where the default is the compute dtype
+        self.cache_dtype = dtype_of(cache_dtype or (d.cache_dtype if on_cpu
+                                                    else self.decode_cfg.dtype))
+        self.layout = DecodeLayout(
+            unstacked=d.layout.unstacked if unstacked is None else unstacked,
+            separate_head=d.layout.separate_head if separate_head is None else separate_head)
         self.prefill_chunk = prefill_chunk
         self.min_bucket = min_bucket
         self.stream_every = stream_every
-        self._weights: DecodeWeights | None = None
+        self._weights: dict | None = None
         self._compiled: dict = {}
         self._prefill_fn = jax.jit(self._prefill, donate_argnums=(4,))
         sampling = ("greedy", "top_k", "use_top_p")
-        # no donation into `_first`: unrolled, its caches are re-laid out (new buffers anyway)
-        self._first_fn = jax.jit(self._first, static_argnames=(*sampling, "out_len"))
+        # the stacked cache is donated into `_first`: freed once the decode caches exist (aliased
+        # when the layout keeps it stacked)
+        self._first_fn = jax.jit(self._first, donate_argnums=(0,),
+                                 static_argnames=(*sampling, "out_len"))
         self._chunk_fn = jax.jit(self._chunk, donate_argnums=(1,), static_argnames=sampling)
         self._init_cache_fn = jax.jit(partial(init_cache, cfg, dtype=self.cache_dtype),
                                       static_argnums=(0, 1))
@@ -176,8 +220,8 @@ class Engine:
     def _first(self, cache, logits, positions, key, temperature, top_p, eos, pad_id, *,
                greedy, top_k, use_top_p, out_len):
         """Sample every row's first token from the prefill `logits` [B V] and set up the loop
-        state (per-layer caches when unrolled). positions [B]: each row's prompt length."""
-        cache = stacked_to_layers(self.decode_cfg, cache) if self.unrolled else cache
+        state (per-layer caches when unstacked). positions [B]: each row's prompt length."""
+        cache = decode_caches(self.decode_cfg, cache, self.layout)
         tok = sample(logits, jax.random.fold_in(key, 0), temperature, top_p, greedy=greedy,
                      top_k=top_k, use_top_p=use_top_p)
         out = jnp.full((tok.shape[0], out_len), pad_id, jnp.int32).at[:, 0].set(tok)
@@ -188,14 +232,16 @@ class Engine:
                top_k, use_top_p):
         """Run the on-device loop until step `limit` (a traced bound: one executable serves a
         whole generation or a few streamed tokens) or until every row is done."""
-        cfg = self.decode_cfg
+        model = self.layout.model(self.decode_cfg)
 
         def cond(s: DecodeState):
             return (s.step < limit) & ~jnp.all(s.done)
 
         def body(s: DecodeState):
-            logits, caches = decode_step(cfg, weights, s.tok[:, None], s.positions[:, None],
-                                         s.caches)
+            # new tokens get segment id 1: padding only ever comes from the prompt
+            tok = s.tok[:, None]
+            logits, caches = model.apply({"params": weights}, tok, s.positions[:, None],
+                                         s.caches, jnp.ones(tok.shape, jnp.int32))
             new = sample(logits[:, 0], jax.random.fold_in(key, s.step), temperature, top_p,
                          greedy=greedy, top_k=top_k, use_top_p=use_top_p)
             new = jnp.where(s.done, pad_id, new)  # finished rows emit the pad id
@@ -224,11 +270,12 @@ class Engine:
                 return state
             state = chunk(weights, state, jnp.int32(min(step + self.stream_every, new)), *knobs)
 
-    def decode_weights(self) -> DecodeWeights:
-        """Weights re-laid for decoding (built once, on first use)."""
+    def decode_weights(self) -> dict:
+        """The params in the decode layout and dtype (built once, on first use; the params
+        themselves when the layout is stacked and the dtype theirs)."""
         if self._weights is None:
             self._weights = decode_weights(self.cfg, self.params, dtype_of(self.decode_cfg.dtype),
-                                           self.unrolled)
+                                           self.layout)
         return self._weights
 
     def context_length(self, max_len: int | None = None) -> int:
@@ -250,7 +297,10 @@ class Engine:
         compiled = self._compiled.get(key)
         if compiled is None:
             t0 = time.perf_counter()
-            compiled = fn.lower(*args, **static).compile()
+            with warnings.catch_warnings():
+                # a donated stacked cache re-laid per layer cannot be aliased; it is still freed
+                warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                compiled = fn.lower(*args, **static).compile()
             self._compiled[key] = compiled
             self._compile_seconds += time.perf_counter() - t0
         return compiled
@@ -324,6 +374,7 @@ class Engine:
 
         t0 = time.perf_counter()
         state = first(cache, logits, jnp.asarray(lengths), *knobs)
+        free_donated(cache)
         if on_token is None:
             state = chunk(weights, state, jnp.int32(new), *knobs)
         else:  # a few tokens per dispatch, each handed to `on_token` as soon as it is back
@@ -338,4 +389,5 @@ class Engine:
                                 decode_seconds=decode_s, compile_seconds=self._compile_seconds)
 
 
-__all__ = ["Engine", "GenerationError", "GenerationOutput", "prompt_bucket"]
+__all__ = ["Engine", "EngineDefaults", "GenerationError", "GenerationOutput", "engine_defaults",
+           "prompt_bucket"]

@@ -1,17 +1,42 @@
 """Orbax directories (params + model.yaml + tokenizer) and the `python -m jaxllama.convert` CLI."""
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import torch
+import yaml
 from parity.tiny_llama import save_model, tiny_model, tiny_tokenizer
 
+from jaxllama import AttentionConfig, ModelConfig
 from jaxllama.checkpoint import CheckpointError, checkpoint_format, load_checkpoint, save_orbax
-from jaxllama.config import load_model_config
+from jaxllama.config import LambdaConfig, load_model_config
 from jaxllama.convert import main
+from jaxllama.model import init_params
+
+# Written by the code before orbax stored the model's own tree (commit 1a3e4c2): `save_orbax` of
+# `filled(hybrid_config(), 0)`, generation config {"eos_token_ids": [1]}, no tokenizer.
+LEGACY = Path(__file__).parent.parent / "fixtures" / "orbax-hybrid-tiny"
+
+
+def hybrid_config() -> ModelConfig:
+    return ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                       layer_pattern=("dense", "lambda", "lambda"),
+                       attention=AttentionConfig(num_heads=2, num_kv_heads=1,
+                                                 max_position_embeddings=64),
+                       lambda_=LambdaConfig(global_tokens=2, window=4), tie_word_embeddings=False)
+
+
+def filled(cfg: ModelConfig, seed: int) -> dict:
+    """`Transformer(cfg)`'s params tree with standard normal float32 leaves, filled in leaf order
+    (cheaper than running `init_params`: only its shapes are traced)."""
+    rng = np.random.RandomState(seed)
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +91,54 @@ def test_orbax_overrides_split_runs(tiny_dir, tmp_path):
     np.testing.assert_array_equal(leaf(mixed.params, "run_1")[0], leaf(ck.params, "run_0")[1])
     with pytest.raises(CheckpointError, match="would change shape"):
         load_checkpoint(out, overrides=["model.intermediate_size=16"])
+
+
+def test_orbax_round_trip_dense_lambda_hybrid(tmp_path):
+    """The model's own tree (two runs: dense, lambda) saves and restores exactly, in its dtype and
+    cast on load; a tree that is not the config's is refused before anything is written."""
+    cfg = hybrid_config()
+    params = filled(cfg, 7)
+    out = save_orbax(cfg, params, None, tmp_path / "o", {"eos_token_ids": [3]})
+    back = load_checkpoint(out)
+    assert back.config == cfg and back.generation_config == {"eos_token_ids": [3]}
+    assert back.tokenizer is None
+    assert_same_params(back.params, params)
+    assert_same_params(load_checkpoint(out, dtype="bfloat16").params,
+                       jax.tree.map(lambda a: a.astype("bfloat16"), params))
+    bad = {**params, "norm": {"scale": np.ones(8, np.float32)}}
+    with pytest.raises(CheckpointError, match=r"norm/scale has shape \[8\], the model config "
+                                              r"needs \[16\]"):
+        save_orbax(cfg, bad, None, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_orbax_written_before_own_tree_still_loads():
+    ck = load_checkpoint(LEGACY)
+    assert ck.config == hybrid_config() and ck.generation_config == {"eos_token_ids": [1]}
+    assert_same_params(ck.params, filled(ck.config, 0))
+
+
+def test_orbax_stored_tree_must_match_the_config(tmp_path):
+    """A model.yaml that does not describe the stored params: one line naming the first differing
+    path and both shapes, or the path the stored tree lacks."""
+    ck = tmp_path / "ck"
+    shutil.copytree(LEGACY, ck)
+
+    def edit(**model):
+        data = yaml.safe_load((LEGACY / "model.yaml").read_text())
+        data["model"].update(model)
+        (ck / "model.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+    edit(intermediate_size=24)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(ck)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(str(ck / "params")), msg
+    assert "run_0/block/mlp/down/kernel has shape [1, 32, 16]" in msg
+    assert "model.yaml needs [1, 24, 16]" in msg
+    edit(tie_word_embeddings=True)
+    with pytest.raises(CheckpointError, match="lm_head/kernel .shape .16, 64.. is not a parameter"):
+        load_checkpoint(ck)
 
 
 def test_convert_hf_orbax_hf(tiny_dir, tmp_path, capsys):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from jaxllama import AttentionConfig, ModelConfig, RopeConfig, Transformer, init_cache, init_params
-from jaxllama.inference.decode import decode_step, decode_weights, stacked_to_layers
+from jaxllama.inference.decode import DecodeLayout, decode_caches, decode_weights
 from jaxllama.inference.engine import Engine, GenerationError, prompt_bucket
 from jaxllama.inference.sampling import SamplingConfig
+from jaxllama.model import stack_params, unstack_params
 
 V = 97
 
@@ -60,9 +61,12 @@ def engine(model):
     return Engine(*model)
 
 
-def test_cached_decode_equals_full_forward():
-    """Chunked prefill (model cache) + one-token steps (per-layer decode weights, tied head
-    transposed) reproduce the full forward's logits at every position."""
+@pytest.mark.parametrize("layout", [DecodeLayout(unstacked=True, separate_head=True),
+                                    DecodeLayout()])
+def test_cached_decode_equals_full_forward(layout):
+    """Chunked prefill (model cache) + one-token steps through the same `Transformer` in the
+    decode layout (per-layer weights and caches, tied head transposed; or the params in place)
+    reproduce the full forward's logits at every position."""
     cfg = tiny(tied=True)
     params = random_params(cfg, seed=1)
     ids = jax.random.randint(jax.random.key(2), (2, 14), 0, V)
@@ -71,14 +75,21 @@ def test_cached_decode_equals_full_forward():
 
     pos = jnp.broadcast_to(jnp.arange(14), (2, 14))
     chunk = jax.jit(lambda p, t, q, c: model.apply({"params": p}, t, q, c))
-    step = jax.jit(lambda w, t, q, c: decode_step(cfg, w, t, q, c))
+    dec = layout.model(cfg)
+    step = jax.jit(lambda w, t, q, c: dec.apply({"params": w}, t, q, c))
     cache = init_cache(cfg, 2, 32)
     parts = []
     for a, b in [(0, 4), (4, 8)]:  # two prefill chunks through one compiled call
         lg, cache = chunk(params, ids[:, a:b], pos[:, a:b], cache)
         parts.append(lg)
-    weights = decode_weights(cfg, params, jnp.float32)
-    caches = stacked_to_layers(cfg, cache)
+    weights = decode_weights(cfg, params, jnp.float32, layout)
+    assert (weights is params) == (layout == DecodeLayout())  # in place: no copy
+    assert ("layer_0" in weights) == layout.unstacked
+    if layout.separate_head:  # the tied table transposed, [D V]
+        np.testing.assert_array_equal(weights["lm_head"]["kernel"],
+                                      np.asarray(params["embed"]["embedding"]).T)
+    caches = decode_caches(cfg, cache, layout)
+    assert len(caches) == (cfg.num_layers if layout.unstacked else len(cfg.runs))
     for t in range(8, 14):
         lg, caches = step(weights, ids[:, t:t + 1], pos[:, t:t + 1], caches)
         parts.append(lg)
@@ -101,13 +112,20 @@ def test_engine_greedy_equals_full_forward_and_padding_is_invisible(model, engin
         assert alone.row(0) == out.row(b)
 
 
-def test_chunked_prefill_and_scanned_decode_agree(model):
-    """A prompt longer than `prefill_chunk` (prefilled in 3 chunks) and the scanned (stacked
-    weights) decode loop give the same tokens as the default engine."""
+@pytest.fixture(scope="module")
+def scanned_engine(model):
+    """The GPU/TPU decode layout on CPU: stacked weights used in place, scanned runs."""
+    return Engine(*model, prefill_chunk=8, unstacked=False, separate_head=False)
+
+
+def test_chunked_prefill_and_scanned_decode_agree(model, scanned_engine):
+    """A prompt longer than `prefill_chunk` (prefilled in 3 chunks) and the scanned decode loop
+    over the params in place give the full forward's tokens."""
     cfg, params = model
     prompt = np.random.RandomState(1).randint(0, V, 21).tolist()
     want = full_greedy(cfg, params, prompt, 6)
-    chunked = Engine(cfg, params, prefill_chunk=8, unrolled=False)
+    chunked = scanned_engine
+    assert chunked.decode_weights() is params
     assert prompt_bucket(21, 8) == 24
     assert chunked.generate([prompt], max_new_tokens=6).row(0) == want
 
@@ -140,6 +158,30 @@ def test_stop_when_all_rows_done_and_streaming(engine):
     assert [s for s, _, _ in seen] == list(range(n))
     assert [t[0] for _, t, _ in seen] == free.row(0)[:n]
     assert all(a == [True, True] for _, _, a in seen)
+
+
+def _live_cache_keys(cfg, batch, slots):
+    """How many live arrays have the shape of a stacked [n B S K H] and of a per-layer
+    [B S K H] dense cache key/value buffer."""
+    a = cfg.attention
+    layer = (batch, slots, a.num_kv_heads, a.head_dim)
+    shapes = [x.shape for x in jax.live_arrays()]
+    return shapes.count((cfg.num_layers,) + layer), shapes.count(layer)
+
+
+@pytest.mark.parametrize("layout", ["unstacked", "scanned"])
+def test_stacked_cache_donated_at_decode(model, engine, scanned_engine, layout):
+    """While the decode loop runs, only its own caches are live: the stacked cache prefill wrote
+    was donated (per-layer caches replace it on CPU; scanned, the loop holds those very
+    buffers)."""
+    cfg, _ = model
+    eng, prompt_len, new = (engine, 6, 8) if layout == "unstacked" else (scanned_engine, 21, 6)
+    prompt = np.random.RandomState(9).randint(0, V, prompt_len).tolist()  # compiled shapes
+    seen = []
+    eng.generate([prompt], max_new_tokens=new,
+                 on_token=lambda *_: seen.append(_live_cache_keys(cfg, 1, 128)))
+    want = (0, 2 * cfg.num_layers) if layout == "unstacked" else (2, 0)  # k and v per cache
+    assert len(seen) == new and all(s == want for s in seen), seen
 
 
 def test_sampling_reproducible_with_seed(model, engine):
@@ -203,6 +245,29 @@ def test_hybrid_layer_pattern(hybrid, n):
     prompt = np.random.RandomState(5).randint(0, V, n).tolist()
     out = engine.generate([prompt], max_new_tokens=6)
     assert out.row(0) == full_greedy(cfg, params, prompt, 6)
+
+
+def test_unstacked_layout_round_trip_and_forward(hybrid):
+    """`unstack_params` gives exactly the tree `Transformer(unstacked=True, separate_head=True)`
+    initializes (same paths and shapes), `stack_params` inverts it exactly, and the unstacked
+    model computes the stacked model's logits (a dense/lambda hybrid: two runs)."""
+    cfg, params, _ = hybrid
+    flat = unstack_params(cfg, params, separate_head=True)
+    want = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), unstacked=True,
+                                              separate_head=True))
+    assert jax.tree.structure(flat) == jax.tree.structure(want)
+    assert jax.tree.map(jnp.shape, flat) == jax.tree.map(lambda s: s.shape, want)
+    np.testing.assert_array_equal(flat["layer_2"]["mlp"]["up"]["kernel"],
+                                  params["run_1"]["block"]["mlp"]["up"]["kernel"][1])
+    back = stack_params(cfg, flat)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    ids = jax.random.randint(jax.random.key(4), (1, REF_LEN), 0, V)  # full_greedy's shape
+    ref = _forward(cfg)(params, ids)
+    flat_model = Transformer(cfg, unstacked=True, separate_head=True)
+    got = jax.jit(lambda p, t: flat_model.apply({"params": p}, t)[0])(flat, ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-5)
 
 
 def test_all_lambda_model_generates_past_max_position_embeddings():

@@ -18,7 +18,7 @@ import torch
 from jaxllama.block import Block
 from jaxllama.checkpoint.hf_config import config_from_hf
 from jaxllama.layers.basic import RMSNorm
-from jaxllama.mixers import Attention
+from jaxllama.mixers import Attention, spec_of
 
 from .tiny_llama import tiny_model
 
@@ -86,7 +86,7 @@ def _matrix(lin: torch.nn.Linear, in_shape, out_shape) -> dict:
 
 def attention_params(attn, cfg) -> dict:
     a = cfg.attention
-    d, n, k, h = cfg.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim
+    d, n, k, h = cfg.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim_for(cfg.hidden_size)
     return {"q_proj": _matrix(attn.q_proj, (d,), (n, h)),
             "k_proj": _matrix(attn.k_proj, (d,), (k, h)),
             "v_proj": _matrix(attn.v_proj, (d,), (k, h)),
@@ -133,7 +133,7 @@ def test_attention_matches_transformers(case):
     cos_sin, mask = hf_rope_and_mask(model, x, positions)
     with torch.no_grad():
         ref, _ = attn(torch.tensor(x), position_embeddings=cos_sin, attention_mask=mask)
-    ours, cache = jax.jit(lambda p, x, pos: Attention(cfg=cfg.mixer_config("dense")).apply(
+    ours, cache = jax.jit(lambda p, x, pos: Attention(cfg=spec_of("dense").config(cfg)).apply(
         {"params": p}, x, pos))(attention_params(attn, cfg), jnp.asarray(x), jnp.asarray(positions))
     assert cache is None and ours.dtype == jnp.float32
     assert rel_err(ours, ref.numpy()) <= RTOL
