@@ -1,5 +1,6 @@
 """Orbax directories (params + model.yaml + tokenizer) and the `python -m jaxllama.convert` CLI."""
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -26,8 +27,8 @@ LEGACY = Path(__file__).parent.parent / "fixtures" / "orbax-hybrid-tiny"
 def hybrid_config() -> ModelConfig:
     return ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
                        layer_pattern=("dense", "lambda", "lambda"),
-                       attention=AttentionConfig(num_heads=2, num_kv_heads=1,
-                                                 max_position_embeddings=64),
+                       max_position_embeddings=64,
+                       attention=AttentionConfig(num_heads=2, num_kv_heads=1),
                        lambda_=LambdaConfig(global_tokens=2, window=4), tie_word_embeddings=False)
 
 
@@ -114,7 +115,9 @@ def test_orbax_round_trip_dense_lambda_hybrid(tmp_path):
 
 def test_orbax_written_before_own_tree_still_loads():
     ck = load_checkpoint(LEGACY)
-    assert ck.config == hybrid_config() and ck.generation_config == {"eos_token_ids": [1]}
+    cfg = hybrid_config()  # the old writer stored the derived head_dim (8) explicitly
+    cfg = cfg.replace(attention=dataclasses.replace(cfg.attention, head_dim=8))
+    assert ck.config == cfg and ck.generation_config == {"eos_token_ids": [1]}
     assert_same_params(ck.params, filled(ck.config, 0))
 
 

@@ -31,8 +31,8 @@ def test_accelerators_use_params_in_place_in_the_compute_dtype(platform, param_d
 
 def _cfg(param_dtype="bfloat16"):
     return ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, layer_pattern=("dense",),
-                       attention=AttentionConfig(num_heads=2, num_kv_heads=1,
-                                                 max_position_embeddings=32),
+                       max_position_embeddings=32,
+                       attention=AttentionConfig(num_heads=2, num_kv_heads=1),
                        param_dtype=param_dtype)
 
 
