@@ -108,6 +108,16 @@ class LambdaConfig:
         """D: far sink keys are scored as if at this distance."""
         return self.window if self.distance is None else self.distance
 
+    @classmethod
+    def for_context(cls, n: int) -> LambdaConfig:
+        """LM-Infinite's recipe for a model pretrained on n tokens: window L = ceiling D = n and
+        100 sink tokens (its Llama-2 setting: local 4096, global 100, limit 4096; G from 10 to
+        100 behaves alike), G capped at n for tiny contexts. The default of a lambda layer
+        pattern given without a `lambda` section."""
+        _check(n > 0, "lambda", f"no default window for a trained context of {n} tokens: add "
+               "model.lambda.window=N")
+        return cls(global_tokens=min(100, n), window=n, distance=n)
+
 
 @dataclass(frozen=True)
 class LambdaAttentionConfig(AttentionConfig):
@@ -157,8 +167,9 @@ class ModelConfig:
         _check(len(pattern) > 0, "layer_pattern", "needs at least one layer")
         for i, kind in enumerate(pattern):
             _check(kind in LAYER_KINDS, f"layer_pattern[{i}]", f"{kind!r} is not one of {LAYER_KINDS}")
-        _check("lambda" not in pattern or self.lambda_ is not None, "lambda",
-               "layer_pattern has lambda layers but no lambda config")
+        if "lambda" in pattern and self.lambda_ is None:
+            object.__setattr__(self, "lambda_", LambdaConfig.for_context(
+                self.attention.max_position_embeddings))
         built = {"dense", "lambda"}
         for kind in set(pattern) - built:
             raise ConfigError(f"layer_pattern: layer kind {kind!r} is not available in this version")

@@ -50,7 +50,8 @@ def save_orbax(config: ModelConfig, params: dict, tokenizer, out_dir: str | os.P
             yaml.safe_dump({"model": to_dict(config)}, f, sort_keys=False)
         with quiet("absl"):
             ckpt = _checkpointer()
-            ckpt.save(tmp / PARAMS_DIR, jax.tree.map(jnp.asarray, params))
+            # orbax refuses relative paths
+            ckpt.save((tmp / PARAMS_DIR).absolute(), jax.tree.map(jnp.asarray, params))
             ckpt.wait_until_finished()
             ckpt.close()
         with open(tmp / GENERATION, "w") as f:
@@ -80,7 +81,7 @@ def load_orbax(path: str | os.PathLike, dtype: str = "float32", overrides=()) ->
     ckpt = _checkpointer()
     try:
         with quiet("absl"):
-            params = ckpt.restore(path / PARAMS_DIR, target)
+            params = ckpt.restore((path / PARAMS_DIR).absolute(), target)  # orbax: absolute only
     except Exception as e:  # noqa: BLE001 - any reader error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path / PARAMS_DIR}: cannot restore params ({msg})") from None
