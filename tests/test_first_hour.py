@@ -260,3 +260,21 @@ def test_library_uses_the_persistent_compile_cache(tiny_hf, tmp_path, monkeypatc
                        timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == str(tmp_path / "xla")
+
+
+def test_gguf_tokenizer_without_torch(smollm2_jax, smollm2_gguf_path):
+    """`pip install -e .` brings no torch, and transformers' GGUF reader needs it: the tokenizer
+    built from the metadata without torch is the one transformers builds."""
+    from jaxllama.checkpoint.gguf import open_reader, tokenizer_from_metadata
+
+    ref = smollm2_jax.tokenizer
+    mine = tokenizer_from_metadata(open_reader(Path(smollm2_gguf_path)))
+    for text in ["What is the capital of France?", "  hi\n\nthere  ", "ünïcödé 日本語 🙂",
+                 "<|im_start|>user\nx<|im_end|>"]:
+        assert mine(text)["input_ids"] == ref(text)["input_ids"], text
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert mine.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert (mine.bos_token_id, mine.eos_token_id, mine.pad_token_id, len(mine)) == (
+        ref.bos_token_id, ref.eos_token_id, ref.pad_token_id, len(ref))
+    assert sorted(mine.all_special_tokens) == sorted(ref.all_special_tokens)

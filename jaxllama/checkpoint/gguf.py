@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -283,13 +284,45 @@ def load_gguf_tokenizer(path: Path, use_cache: bool = True):
     log.info("building the tokenizer from %s (once; cached)", path.name)
     try:
         with quiet("transformers"):
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            if importlib.util.find_spec("torch") is None:
+                tok = tokenizer_from_metadata(open_reader(path))
+            else:
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - any reader error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF ({msg})") from None
     if cache is not None:
         _store(tok, cache)
     return tok
+
+
+_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                   "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
+def tokenizer_from_metadata(reader):
+    """The tokenizer `AutoTokenizer.from_pretrained(..., gguf_file=...)` builds, without torch:
+    transformers' GGUF metadata reader imports torch (for tensor dtypes), so without torch (a
+    `pip install -e .` set-up) the metadata is read here with the `gguf` package and handed to
+    the same converter transformers uses (`convert_gguf_tokenizer`, torch-free)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    meta = {k: _field(reader, k) for k in reader.fields if k.startswith("tokenizer.")}
+    groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                      if f"tokenizer.{key}" in meta}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokens, config = groups["tokenizer"], groups["tokenizer_config"]
+    if tokens.get("tokenizer_type") == "llama":  # as transformers: llama.cpp adds BOS there
+        config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        tid = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokens["tokens"][int(tid)] if tid is not None else None
+    backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokens)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
 def _store(tok, cache: Path) -> None:
