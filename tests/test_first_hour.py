@@ -278,3 +278,10 @@ def test_gguf_tokenizer_without_torch(smollm2_jax, smollm2_gguf_path):
     assert (mine.bos_token_id, mine.eos_token_id, mine.pad_token_id, len(mine)) == (
         ref.bos_token_id, ref.eos_token_id, ref.pad_token_id, len(ref))
     assert sorted(mine.all_special_tokens) == sorted(ref.all_special_tokens)
+
+
+def test_configs_cite_sources_in_the_repository_or_public():
+    """Preset and recipe comments cite the paper or model card, not a document outside the
+    repository ("METHODS section N")."""
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        assert "METHODS" not in path.read_text(), path
