@@ -15,9 +15,11 @@ start is much faster than the first.
 computes in float32 (XLA:CPU's bfloat16 matrix-vector products are about 25x slower), from a
 float32 copy of the weights; prefill computes in bfloat16 only on CPUs with bfloat16 units
 (AVX512_BF16 / AMX), else in float32. So on a CPU without bfloat16 units (AVX2 only) `--dtype
-bfloat16` saves no memory (the bfloat16 weights are kept for prefill next to the float32 decode
-copy) and prefills slower (every weight is converted to float32 on every prefill call): use it
-there only to check bfloat16 numerics. See `jaxllama.inference.engine` for the per-phase choices.
+bfloat16` gains nothing: the bfloat16 weights are kept for prefill next to the float32 decode copy,
+and each prefill converts them all to float32 first, which makes it slower and, for the duration
+of that call, adds a float32 copy, so the peak memory is above float32's even though the steady
+state is below it (figures: BENCHMARKS.md). Use it there only to check bfloat16 numerics. See
+`jaxllama.inference.engine` for the per-phase choices.
 
 Bad input (a flag value, an unreadable checkpoint, a prompt longer than the context) exits with a
 one-line error on stderr: status 2 for flags, 1 otherwise.
@@ -75,9 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="HF directory, .gguf file or orbax directory (default: embedded SmolLM2)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="weight dtype; CPU decode computes in float32 from a float32 copy, so "
-                   "on a CPU without bfloat16 units bfloat16 saves no memory and prefills "
-                   "slower (see the module docstring)")
+                   help="weight dtype. CPU decode computes in float32 from a float32 copy, and "
+                   "prefill in bfloat16 only on CPUs with bfloat16 units: on other CPUs "
+                   "bfloat16 prefills slower and peaks higher in memory than float32 (see the "
+                   "module docstring)")
     p.add_argument("--max-new-tokens", type=_number(int, 1, name="max-new-tokens"), default=256)
     p.add_argument("--max-len", type=_number(int, 2, name="max-len"), default=None,
                    help="cap on prompt + generated tokens (default: the model's context)")
@@ -124,6 +127,9 @@ def run(args) -> int:
         raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if llm.tokenizer is None:
         raise CliError(f"{llm.source}: the checkpoint has no tokenizer")
+    if verbose and args.dtype == "bfloat16" and _cpu_without_bfloat16_units():
+        print("[jaxllama] note: this CPU has no bfloat16 units: bfloat16 weights save no memory "
+              "here and prefill slower than float32 (see --help)", file=sys.stderr)
     chat = False if args.no_chat else llm.has_chat_template()
     if args.system and not chat:
         raise CliError("--system needs a chat template (the tokenizer has none, or --no-chat)")
@@ -154,6 +160,14 @@ def run(args) -> int:
     _stats(len(out), sum(c.prompt_tokens for c in out), sum(len(c.token_ids) for c in out),
            out[-1])
     return 0
+
+
+def _cpu_without_bfloat16_units() -> bool:
+    import jax
+
+    from jaxllama.inference.engine import cpu_has_bfloat16_units
+
+    return jax.default_backend() == "cpu" and not cpu_has_bfloat16_units()
 
 
 def _stats(prompts: int, prompt_tokens: int, generated: int, last) -> None:

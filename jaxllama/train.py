@@ -109,9 +109,9 @@ def _complete_line(args, out: dict) -> str:
                 f"{out.get('output_dir', 'output_dir')}; to train again, give a new "
                 "output_dir=... (or delete it)")
     step = out["step"]
-    return (f"run already complete at step {step} (train.steps={step}); to continue, raise "
-            f"train.steps (e.g. train.steps={2 * step}), or start afresh with a new "
-            "checkpoint.dir=...")
+    return (f"run already complete at step {step} (train.steps={out.get('steps', step)}); to "
+            f"continue, raise train.steps above {step} (e.g. train.steps={2 * step}), or start "
+            "afresh with a new checkpoint.dir=...")
 
 
 if __name__ == "__main__":

@@ -76,16 +76,22 @@ def test_lambda_pattern_gets_lm_infinite_defaults(tiny_hf):
 # ----------------------------------------------------------------------------- 3. finished run
 
 
-def test_rerun_of_a_finished_train_run(tmp_path, monkeypatch, capsys):
+def test_rerun_of_a_finished_train_run(tmp_path, monkeypatch, capsys, caplog):
     from jaxllama import train
 
     monkeypatch.chdir(ROOT)
+    caplog.set_level("INFO", "jaxllama")
     argv = ["--config", TINY_TRAIN, "train.steps=2", f"checkpoint.dir={tmp_path}/ckpt",
             f"log.dir={tmp_path}", "log.tensorboard=false", "mesh.data=8", "mesh.seq=1",
             "model.kernels.context_parallel=none", "train.batch_size=8"]
     assert train.main(argv) == 0
     assert capsys.readouterr().out.startswith("done: step 2 loss ")
+    # what it was doing, on stderr: loading, setting up, compiling
+    for line in ("loading the model", "setting up the train state", "compiling the train step"):
+        assert line in caplog.text
+    caplog.clear()
     assert train.main(argv) == 0
+    assert "compiling" not in caplog.text  # a finished run compiles nothing
     out = capsys.readouterr().out
     one_line(out, "run already complete at step 2", "train.steps=", "checkpoint.dir=")
     assert "Traceback" not in out

@@ -180,7 +180,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         if any(p and not Path(p).exists() for p in (cfg.checkpoint.export_hf,
                                                     cfg.checkpoint.export_orbax)):
             export(cfg, bundle, state.params)  # a run cut short while exporting
-        return {"step": start, "loss": None, "losses": {}, "stopped": None, "complete": True}
+        return {"step": start, "loss": None, "losses": {}, "stopped": None, "complete": True,
+                "steps": t.steps}
     log.info("compiling the train step (the first step waits for it)")
     step_fn = compile_train_step(model, tx, mesh, loss_chunk=t.loss_chunk, grad_accum=t.grad_accum)
     log_dir = cfg.log.dir or cfg.checkpoint.dir
