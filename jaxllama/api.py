@@ -5,8 +5,9 @@
     print(llm.generate("What is the capital of France?").text)
 
 Start-up. `from_pretrained` and `LLM.generate` say what they are doing in one short line each on
-stderr (loading the checkpoint, building the tokenizer, compiling for a new prompt shape;
-`verbose=False` silences them). `from_pretrained` turns on XLA's persistent compilation cache (as
+stderr (loading the checkpoint, building the tokenizer, compiling for a new prompt shape; only for
+steps still running after 0.3 s) when stderr is a terminal, or always with `verbose=True`
+(`verbose=False`: never). `from_pretrained` turns on XLA's persistent compilation cache (as
 the CLIs do), so a new Python process reuses the prefill and decode programs compiled by earlier
 ones instead of compiling them again: by default in `$JAXLLAMA_CACHE/xla` (~/.cache/jaxllama/xla),
 elsewhere with `JAXLLAMA_COMPILE_CACHE=/path`, off with `JAXLLAMA_COMPILE_CACHE=` (empty) or
@@ -19,6 +20,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -63,6 +65,21 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     compilation_cache.reset_cache()  # a cache checked (and found unset) earlier is looked up again
     return path
+
+
+@contextlib.contextmanager
+def _deferred(message: str | None, *args):
+    """Log `message` if the block is still running after 0.3 s: slow steps (compiling, reading
+    weights) get their status line, input refused at once gets only its one-line error. Yields
+    a function that cancels the line (called when the step's result starts to arrive)."""
+    note = None if message is None else threading.Timer(0.3, log.info, (message, *args))
+    if note is not None:
+        note.start()
+    try:
+        yield note.cancel if note is not None else (lambda: None)
+    finally:
+        if note is not None:
+            note.cancel()
 
 
 @contextlib.contextmanager
@@ -210,13 +227,16 @@ class LLM:
         longest = max((len(p) for p in ids), default=0)
         shape = (tuple(sorted(engine_options.items())), len(ids), 1 << max(longest - 1, 0)
                  .bit_length(), max_new_tokens, max_len, sampling.static(self.config.vocab_size))
-        with _status(self.verbose):
-            if shape not in self._shapes_seen:
-                log.info("compiling for %d prompt(s) of up to %d tokens (or reading the compile "
-                         "cache)", len(ids), longest)
+        message = None if shape in self._shapes_seen else (
+            "compiling for %d prompt(s) of up to %d tokens (or reading the compile cache)")
+        with _status(self.verbose), _deferred(message, len(ids), longest) as compiled:
+            def first_token(*a):  # programs are ready once a token is out: no late line
+                compiled()
+                on_token(*a)
+
             out = self.engine(**engine_options).generate(
                 ids, max_new_tokens, sampling, seed, self.eos_token_ids, self.pad_token_id,
-                max_len, on_token if on_text is not None else None)
+                max_len, first_token if on_text is not None else None)
         self._shapes_seen.add(shape)
         if streams is not None:
             for row, s in enumerate(streams):
@@ -240,20 +260,26 @@ class LLM:
 
 
 def from_pretrained(path: str | os.PathLike | None = None, dtype: str = "float32",
-                    overrides: Sequence[str] = (), *, verbose: bool = True,
+                    overrides: Sequence[str] = (), *, verbose: bool | None = None,
                     compile_cache: bool = True) -> LLM:
     """Load an HF directory, a .gguf file or a jaxllama orbax directory (None = the embedded
     SmolLM2-135M-Instruct). `overrides` are dotted model-config strings, e.g.
-    `["model.layer_pattern=lambda"]`. `verbose`: status lines on stderr (see the module
-    docstring); `compile_cache`: turn on the persistent compilation cache."""
-    from jaxllama.checkpoint import load_checkpoint
+    `["model.layer_pattern=lambda"]`. `verbose`: status lines on stderr (None: when stderr is a
+    terminal; see the module docstring); `compile_cache`: turn on the persistent compilation
+    cache."""
+    from jaxllama.checkpoint import checkpoint_format, default_checkpoint, load_checkpoint
 
     if compile_cache:
         enable_compile_cache()
+    if verbose is None:
+        verbose = sys.stderr.isatty()
     with _status(verbose):
-        name = "the embedded SmolLM2-135M-Instruct" if path is None else Path(path).name
-        log.info("loading %s (%s)", name, dtype)
-        ck = load_checkpoint(path, dtype, overrides)
+        fmt = checkpoint_format(default_checkpoint() if path is None else path)
+        # GGUF loads say what they do themselves (dequantizing, or reading the cache); other
+        # formats get one line when loading takes a while
+        name = Path(path).name if path is not None else "the embedded model"
+        with _deferred(None if fmt == "gguf" else "loading %s (%s)", name, dtype):
+            ck = load_checkpoint(path, dtype, overrides)
     return LLM(ck.config, ck.params, ck.tokenizer, ck.generation_config, ck.source,
                verbose=verbose)
 

@@ -5,9 +5,9 @@
     python -m jaxllama.generate --prompt-file long.txt --no-chat --layer-pattern lambda
 
 One prompt streams its answer token by token to stdout; several run as one padded batch and print
-when done. `--json` prints one JSON object per prompt instead. Status lines (loading, building the
-tokenizer, compiling) and the statistics line go to stderr; `--json` silences the status lines
-unless `--verbose`. Compiled programs are kept in XLA's persistent cache (see
+when done. `--json` prints one JSON object per prompt instead. The statistics line goes to stderr,
+and so do status lines (loading, building the tokenizer, compiling: one each, for steps that take
+a while) when stderr is a terminal and `--json` is not given, or with `--verbose`. Compiled programs are kept in XLA's persistent cache (see
 `jaxllama.api.compile_cache_dir`), the dequantized embedded model in jaxllama's cache, so a second
 start is much faster than the first.
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model config override, e.g. model.lambda.window=64 (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     p.add_argument("--verbose", action="store_true",
-                   help="status lines on stderr with --json too")
+                   help="status lines on stderr even with --json or when stderr is not a terminal")
     p.add_argument("--memory-tokens", default=None, metavar="E:M", type=memory_tokens_arg,
                    help="M memory tokens after every E ordinary tokens (CBHybrid), e.g. 256:8")
     p.add_argument("--memory-token", default="<|memory|>",
@@ -120,7 +120,8 @@ def run(args) -> int:
     from jaxllama.inference.engine import GenerationError
     from jaxllama.inference.sampling import SamplingError
 
-    verbose = args.verbose or not args.json
+    # status lines for a person at a terminal; --verbose forces them (--json, pipes, logs)
+    verbose = args.verbose or (not args.json and sys.stderr.isatty())
     try:
         llm = from_pretrained(args.checkpoint, args.dtype, _overrides(args), verbose=verbose)
     except (CheckpointError, ConfigError, OSError) as e:
