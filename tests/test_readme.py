@@ -24,7 +24,6 @@ import importlib.util
 import re
 import shlex
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def _blocks(lang: str) -> list[str]:
-    return [m.group(1) for m in re.finditer(rf"```{lang}\n(.*?)```", README, re.S)]
+    return [m.group(1) for m in re.finditer(rf"```{lang}\n(.*?)```", README, re.DOTALL)]
 
 
 def _command_lines() -> list[str]:
@@ -109,10 +108,16 @@ def _exit_code(fn, *args) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
+def _extras() -> set[str]:
+    """The optional-dependency names of pyproject.toml (its `name = [` lines in that table)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    table = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^(\w+) = \[", table, re.MULTILINE))
+
+
 def _check_pip(argv: list[str], line: str) -> None:
     assert argv[:2] == ["pip", "install"], argv
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
+    extras = _extras()
     words = argv[2:]
     for i, w in enumerate(words):
         if w == "-e":
@@ -183,7 +188,10 @@ def test_readme_command_line(line, workdir, capsys, monkeypatch):
 
 @pytest.mark.parametrize("block", PYTHON, ids=[f"python block {i}" for i in range(len(PYTHON))])
 def test_readme_python_block(block, workdir):
-    exec(compile(block, "README.md (python block)", "exec"), {"__name__": "__readme__"})
+    for out in re.findall(r"save_pretrained\(\w+, \"([^\"]+)\"", block):  # it writes these
+        shutil.rmtree(out, ignore_errors=True)
+    code = compile(block, "README.md (python block)", "exec")
+    exec(code, {"__name__": "__readme__"})  # noqa: S102 - the README's own code, run as written
 
 
 def test_readme_has_the_lines_this_test_knows():
