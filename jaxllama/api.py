@@ -3,14 +3,28 @@
     llm = jaxllama.from_pretrained(None)          # the embedded SmolLM2-135M-Instruct
     logits = llm(ids)                             # int ids [B T] -> float32 logits [B T V]
     print(llm.generate("What is the capital of France?").text)
+
+Start-up. `from_pretrained` and `LLM.generate` say what they are doing in one short line each on
+stderr (loading the checkpoint, building the tokenizer, compiling for a new prompt shape; only for
+steps still running after 0.3 s) when stderr is a terminal, or always with `verbose=True`
+(`verbose=False`: never). `from_pretrained` turns on XLA's persistent compilation cache (as
+the CLIs do), so a new Python process reuses the prefill and decode programs compiled by earlier
+ones instead of compiling them again: by default in `$JAXLLAMA_CACHE/xla` (~/.cache/jaxllama/xla),
+elsewhere with `JAXLLAMA_COMPILE_CACHE=/path`, off with `JAXLLAMA_COMPILE_CACHE=` (empty) or
+`compile_cache=False`; a cache directory already set in JAX's own config is left as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +35,73 @@ from jaxllama.inference.engine import Engine, GenerationOutput
 from jaxllama.inference.sampling import SamplingConfig
 from jaxllama.inference.streaming import TextStream
 from jaxllama.model import Transformer
+
+log = logging.getLogger(__name__)
+
+
+def compile_cache_dir() -> str | None:
+    """Where compiled programs are kept: `$JAXLLAMA_COMPILE_CACHE` when set (empty = no cache),
+    else `xla/` under jaxllama's cache directory (`$JAXLLAMA_CACHE`, default ~/.cache/jaxllama)."""
+    if "JAXLLAMA_COMPILE_CACHE" in os.environ:
+        return os.environ["JAXLLAMA_COMPILE_CACHE"].strip() or None
+    from jaxllama.checkpoint.gguf import cache_root
+
+    return str(cache_root() / "xla")
+
+
+def enable_compile_cache(path: str | os.PathLike | None = None) -> str | None:
+    """Turn on XLA's persistent compilation cache in `path` (default `compile_cache_dir()`) for
+    programs that take over a second to compile; returns the directory in use. A directory already
+    configured in JAX (`JAX_COMPILATION_CACHE_DIR`, `jax_compilation_cache_dir`) wins."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = os.fspath(path) if path is not None else compile_cache_dir()
+    if not path:
+        return None
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    compilation_cache.reset_cache()  # a cache checked (and found unset) earlier is looked up again
+    return path
+
+
+@contextlib.contextmanager
+def _deferred(message: str | None, *args):
+    """Log `message` if the block is still running after 0.3 s: slow steps (compiling, reading
+    weights) get their status line, input refused at once gets only its one-line error. Yields
+    a function that cancels the line (called when the step's result starts to arrive)."""
+    note = None if message is None else threading.Timer(0.3, log.info, (message, *args))
+    if note is not None:
+        note.start()
+    try:
+        yield note.cancel if note is not None else (lambda: None)
+    finally:
+        if note is not None:
+            note.cancel()
+
+
+@contextlib.contextmanager
+def _status(verbose: bool):
+    """While active, jaxllama's INFO log lines (one per step of loading or compiling) are written
+    to stderr as `[jaxllama] ...`, and nowhere else."""
+    if not verbose:
+        yield
+        return
+    logger = logging.getLogger("jaxllama")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[jaxllama] %(message)s"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 @dataclass
@@ -45,13 +126,15 @@ class LLM:
     """A loaded model. Calling it on int token ids [B T] returns float32 logits [B T V]."""
 
     def __init__(self, config: ModelConfig, params, tokenizer=None,
-                 generation_config: dict | None = None, source: str = ""):
+                 generation_config: dict | None = None, source: str = "", verbose: bool = False):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
         self.generation_config = dict(generation_config or {})
         self.source = source
+        self.verbose = verbose  # status lines on stderr (compiling for a new shape)
         self._engines: dict = {}
+        self._shapes_seen: set = set()
 
     def __repr__(self) -> str:
         return (f"LLM(source={self.source!r}, layers={self.config.num_layers}, "
@@ -140,9 +223,21 @@ class LLM:
                     if text:
                         on_text(row, text)
 
-        out = self.engine(**engine_options).generate(
-            ids, max_new_tokens, sampling, seed, self.eos_token_ids, self.pad_token_id, max_len,
-            on_token if on_text is not None else None)
+        # a new batch size, prompt-length bucket or sampling kind compiles new programs
+        longest = max((len(p) for p in ids), default=0)
+        shape = (tuple(sorted(engine_options.items())), len(ids), 1 << max(longest - 1, 0)
+                 .bit_length(), max_new_tokens, max_len, sampling.static(self.config.vocab_size))
+        message = None if shape in self._shapes_seen else (
+            "compiling for %d prompt(s) of up to %d tokens (or reading the compile cache)")
+        with _status(self.verbose), _deferred(message, len(ids), longest) as compiled:
+            def first_token(*a):  # programs are ready once a token is out: no late line
+                compiled()
+                on_token(*a)
+
+            out = self.engine(**engine_options).generate(
+                ids, max_new_tokens, sampling, seed, self.eos_token_ids, self.pad_token_id,
+                max_len, first_token if on_text is not None else None)
+        self._shapes_seen.add(shape)
         if streams is not None:
             for row, s in enumerate(streams):
                 rest = s.flush()
@@ -165,14 +260,28 @@ class LLM:
 
 
 def from_pretrained(path: str | os.PathLike | None = None, dtype: str = "float32",
-                    overrides: Sequence[str] = ()) -> LLM:
+                    overrides: Sequence[str] = (), *, verbose: bool | None = None,
+                    compile_cache: bool = True) -> LLM:
     """Load an HF directory, a .gguf file or a jaxllama orbax directory (None = the embedded
     SmolLM2-135M-Instruct). `overrides` are dotted model-config strings, e.g.
-    `["model.layer_pattern=lambda"]`."""
-    from jaxllama.checkpoint import load_checkpoint
+    `["model.layer_pattern=lambda"]`. `verbose`: status lines on stderr (None: when stderr is a
+    terminal; see the module docstring); `compile_cache`: turn on the persistent compilation
+    cache."""
+    from jaxllama.checkpoint import checkpoint_format, default_checkpoint, load_checkpoint
 
-    ck = load_checkpoint(path, dtype, overrides)
-    return LLM(ck.config, ck.params, ck.tokenizer, ck.generation_config, ck.source)
+    if compile_cache:
+        enable_compile_cache()
+    if verbose is None:
+        verbose = sys.stderr.isatty()
+    with _status(verbose):
+        fmt = checkpoint_format(default_checkpoint() if path is None else path)
+        # GGUF loads say what they do themselves (dequantizing, or reading the cache); other
+        # formats get one line when loading takes a while
+        name = Path(path).name if path is not None else "the embedded model"
+        with _deferred(None if fmt == "gguf" else "loading %s (%s)", name, dtype):
+            ck = load_checkpoint(path, dtype, overrides)
+    return LLM(ck.config, ck.params, ck.tokenizer, ck.generation_config, ck.source,
+               verbose=verbose)
 
 
 def save_pretrained(llm: LLM, out_dir: str | os.PathLike, overwrite: bool = False) -> str:
@@ -183,4 +292,5 @@ def save_pretrained(llm: LLM, out_dir: str | os.PathLike, overwrite: bool = Fals
                    overwrite=overwrite)
 
 
-__all__ = ["LLM", "Completion", "from_pretrained", "save_pretrained"]
+__all__ = ["LLM", "Completion", "compile_cache_dir", "enable_compile_cache", "from_pretrained",
+           "save_pretrained"]

@@ -119,6 +119,21 @@ class LambdaConfig:
         """D: far sink keys are scored as if at this distance."""
         return self.window if self.distance is None else self.distance
 
+    @classmethod
+    def for_context(cls, n: int) -> LambdaConfig:
+        """LM-Infinite's recipe for a model pretrained on n tokens: window L = ceiling D = n and
+        100 sink tokens (its Llama-2 setting: local 4096, global 100, limit 4096; G from 10 to
+        100 behaves alike), G capped at n for tiny contexts. The default of a lambda layer
+        pattern given without a `lambda` section."""
+        _check(n > 0, "lambda", f"no default window for a trained context of {n} tokens: add "
+               "model.lambda.window=N")
+        return cls(global_tokens=min(100, n), window=n, distance=n)
+
+
+# Sub-config fields that a layer pattern may leave out: built from the model's trained context
+# (`max_position_embeddings`) when a config is read from a mapping (YAML, overrides, checkpoints).
+CONTEXT_DEFAULTS = {"lambda_": LambdaConfig.for_context}
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -178,7 +193,8 @@ class ModelConfig:
                 continue
             name = _yaml_name_of(KIND_FIELDS[kind])
             _check(getattr(self, KIND_FIELDS[kind]) is not None, name,
-                   f"layer_pattern has {kind} layers but no `{name}` config")
+                   f"layer_pattern has {kind} layers but no `{name}` config (add one, e.g. "
+                   f"model.{name}.<key>=<value>)")
         _check(self.vocab_size > 0, "vocab_size", "must be > 0")
         _check(self.hidden_size > 0, "hidden_size", "must be > 0")
         _check(self.intermediate_size > 0, "intermediate_size", "must be > 0")
@@ -377,6 +393,12 @@ def model_config_from_dict(data: dict, where: str = "model") -> ModelConfig:
     if num_layers is not None and len(pattern) != num_layers:
         raise ConfigError(f"{where}.layer_pattern: has {len(pattern)} layers but num_layers is {num_layers}")
     data["layer_pattern"] = list(pattern)
+    context = data.get("max_position_embeddings", ModelConfig.max_position_embeddings)
+    for kind in dict.fromkeys(pattern):
+        field_name = KIND_FIELDS.get(kind)
+        key = field_name and _yaml_name_of(field_name)
+        if field_name in CONTEXT_DEFAULTS and data.get(key) is None and isinstance(context, int):
+            data[key] = to_dict(CONTEXT_DEFAULTS[field_name](context))
     return from_dict(ModelConfig, data, where)
 
 

@@ -6,7 +6,7 @@
 
 Inputs: an HF Llama directory, a .gguf file or a jaxllama orbax directory (no --input: the embedded
 SmolLM2). Outputs are written to a temporary sibling and renamed into place, so a failed run leaves
-nothing behind. Errors are one line on stderr and a non-zero exit.
+nothing behind. Errors are one line on stderr and a non-zero exit (2 for a bad flag, 1 otherwise).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from jaxllama.cli import CliParser, model_overrides
 from jaxllama.config import DTYPES, ConfigError
 
 
@@ -42,9 +43,8 @@ def _source_dtype(path: str | None) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jaxllama.convert",
-                                description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CliParser(prog="python -m jaxllama.convert", description=__doc__.split("\n")[0],
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", default=None,
                    help="HF directory, .gguf file or orbax directory (default: embedded SmolLM2)")
     p.add_argument("--output", required=True, help="output directory (must be empty or absent)")
@@ -65,7 +65,11 @@ def convert(args: argparse.Namespace) -> str:
         raise CheckpointError(f"{out}: output exists and is not an empty directory "
                               "(use --overwrite)")
     dtype = _source_dtype(args.input) if args.dtype == "auto" else args.dtype
-    ckpt = load_checkpoint(args.input, dtype, args.override)
+    try:
+        overrides = model_overrides(args.override)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ckpt = load_checkpoint(args.input, dtype, overrides)
     save = save_hf if args.to == "hf" else save_orbax
     return save(ckpt.config, ckpt.params, ckpt.tokenizer, out, ckpt.generation_config,
                 overwrite=args.overwrite)

@@ -5,13 +5,21 @@
     python -m jaxllama.generate --prompt-file long.txt --no-chat --layer-pattern lambda
 
 One prompt streams its answer token by token to stdout; several run as one padded batch and print
-when done. `--json` prints one JSON object per prompt instead. Statistics go to stderr.
+when done. `--json` prints one JSON object per prompt instead. The statistics line goes to stderr,
+and so do status lines (loading, building the tokenizer, compiling: one each, for steps that take
+a while) when stderr is a terminal and `--json` is not given, or with `--verbose`. Compiled programs are kept in XLA's persistent cache (see
+`jaxllama.api.compile_cache_dir`), the dequantized embedded model in jaxllama's cache, so a second
+start is much faster than the first.
 
-`--dtype` is the weight dtype, and the compute dtype on accelerators. On CPU both phases compute in
-float32 (XLA:CPU's bfloat16 matrix-vector products are about 25x slower than float32 ones, and
-without bfloat16 matrix units its bfloat16 matrix products run in float32 anyway): `--dtype
-bfloat16` then means bfloat16 stored weights (half the memory) and a float32 copy for decoding.
-See `jaxllama.inference.engine` for the per-phase choices.
+`--dtype` is the weight dtype. On accelerators it is also the compute dtype. On CPU decode always
+computes in float32 (XLA:CPU's bfloat16 matrix-vector products are about 25x slower), from a
+float32 copy of the weights; prefill computes in bfloat16 only on CPUs with bfloat16 units
+(AVX512_BF16 / AMX), else in float32. So on a CPU without bfloat16 units (AVX2 only) `--dtype
+bfloat16` gains nothing: the bfloat16 weights are kept for prefill next to the float32 decode copy,
+and each prefill converts them all to float32 first, which makes it slower and, for the duration
+of that call, adds a float32 copy, so the peak memory is above float32's even though the steady
+state is below it (figures: BENCHMARKS.md). Use it there only to check bfloat16 numerics. See
+`jaxllama.inference.engine` for the per-phase choices.
 
 Bad input (a flag value, an unreadable checkpoint, a prompt longer than the context) exits with a
 one-line error on stderr: status 2 for flags, 1 otherwise.
@@ -22,20 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
+
+from jaxllama.cli import CliParser, memory_tokens_arg, model_overrides
 
 DTYPES = ("float32", "bfloat16")
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 1."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of usage + message
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
-        sys.exit(2)
 
 
 def _number(kind, lo=None, hi=None, lo_open=False, name=""):
@@ -64,17 +67,8 @@ def _prompt_file(path):
         raise argparse.ArgumentTypeError(f"cannot read {path}: {reason}") from None
 
 
-def _memory_spec(text):
-    from jaxllama.memory_tokens import parse_memory_tokens
-
-    try:
-        return parse_memory_tokens(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--memory-tokens ")) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m jaxllama.generate", description=__doc__.split("\n")[0])
+    p = CliParser(prog="python -m jaxllama.generate", description=__doc__.split("\n")[0])
     p.add_argument("--prompt", action="append", default=[],
                    help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-file", action="append", dest="prompt", type=_prompt_file,
@@ -83,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="HF directory, .gguf file or orbax directory (default: embedded SmolLM2)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="weight dtype (CPU computes in float32)")
+                   help="weight dtype. CPU decode computes in float32 from a float32 copy, and "
+                   "prefill in bfloat16 only on CPUs with bfloat16 units: on other CPUs "
+                   "bfloat16 prefills slower and peaks higher in memory than float32 (see the "
+                   "module docstring)")
     p.add_argument("--max-new-tokens", type=_number(int, 1, name="max-new-tokens"), default=256)
     p.add_argument("--max-len", type=_number(int, 2, name="max-len"), default=None,
                    help="cap on prompt + generated tokens (default: the model's context)")
@@ -100,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. model.lambda.window=64 (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
-    p.add_argument("--memory-tokens", default=None, metavar="E:M", type=_memory_spec,
+    p.add_argument("--verbose", action="store_true",
+                   help="status lines on stderr even with --json or when stderr is not a terminal")
+    p.add_argument("--memory-tokens", default=None, metavar="E:M", type=memory_tokens_arg,
                    help="M memory tokens after every E ordinary tokens (CBHybrid), e.g. 256:8")
     p.add_argument("--memory-token", default="<|memory|>",
                    help="the memory token (added to the tokenizer and embedding when absent)")
@@ -108,25 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args) -> list[str]:
-    out = []
-    if args.layer_pattern is not None:
-        out.append(f"model.layer_pattern={args.layer_pattern}")
-    for item in args.override:
-        if "=" not in item:
-            raise CliError(f"--override {item!r}: expected KEY=VALUE")
-        out.append(item if item.startswith("model.") else f"model.{item}")
-    return out
-
-
-def _enable_compile_cache() -> None:
-    """Keep compiled prefill/decode programs across runs (XLA's persistent cache)."""
-    import jax
-
-    path = os.environ.get("JAXLLAMA_COMPILE_CACHE",
-                          os.path.join(os.path.expanduser("~"), ".cache", "jaxllama", "xla"))
-    if path:
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    try:
+        return model_overrides(args.override, args.layer_pattern)
+    except ValueError as e:
+        raise CliError(str(e)) from None
 
 
 def run(args) -> int:
@@ -136,12 +120,17 @@ def run(args) -> int:
     from jaxllama.inference.engine import GenerationError
     from jaxllama.inference.sampling import SamplingError
 
+    # status lines for a person at a terminal; --verbose forces them (--json, pipes, logs)
+    verbose = args.verbose or (not args.json and sys.stderr.isatty())
     try:
-        llm = from_pretrained(args.checkpoint, args.dtype, _overrides(args))
+        llm = from_pretrained(args.checkpoint, args.dtype, _overrides(args), verbose=verbose)
     except (CheckpointError, ConfigError, OSError) as e:
         raise CliError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     if llm.tokenizer is None:
         raise CliError(f"{llm.source}: the checkpoint has no tokenizer")
+    if verbose and args.dtype == "bfloat16" and _cpu_without_bfloat16_units():
+        print("[jaxllama] note: this CPU has no bfloat16 units: bfloat16 weights save no memory "
+              "here and prefill slower than float32 (see --help)", file=sys.stderr)
     chat = False if args.no_chat else llm.has_chat_template()
     if args.system and not chat:
         raise CliError("--system needs a chat template (the tokenizer has none, or --no-chat)")
@@ -169,11 +158,25 @@ def run(args) -> int:
         else:
             print(f"--- [{i}] {args.prompt[i]}\n{c.text}")
     sys.stdout.flush()
-    c = out[0]
-    print(f"[jaxllama] {len(out)} prompt(s), {c.prompt_tokens} prompt tokens: prefill "
-          f"{c.prefill_tokens_per_s:.1f} tok/s, decode {c.decode_tokens_per_s:.1f} tok/s per "
-          "sequence", file=sys.stderr)
+    _stats(len(out), sum(c.prompt_tokens for c in out), sum(len(c.token_ids) for c in out),
+           out[-1])
     return 0
+
+
+def _cpu_without_bfloat16_units() -> bool:
+    import jax
+
+    from jaxllama.inference.engine import cpu_has_bfloat16_units
+
+    return jax.default_backend() == "cpu" and not cpu_has_bfloat16_units()
+
+
+def _stats(prompts: int, prompt_tokens: int, generated: int, last) -> None:
+    """The statistics line on stderr: all prompts' tokens; the rates of `last`, a Completion of
+    the last batch run (one batch for plain generation, the last round with memory tokens)."""
+    print(f"[jaxllama] {prompts} prompt(s), {prompt_tokens} prompt tokens, {generated} "
+          f"generated: prefill {last.prefill_tokens_per_s:.1f} tok/s, decode "
+          f"{last.decode_tokens_per_s:.1f} tok/s per sequence", file=sys.stderr)
 
 
 def _run_with_memory_tokens(args, llm, chat: bool, on_text) -> int:
@@ -185,15 +188,20 @@ def _run_with_memory_tokens(args, llm, chat: bool, on_text) -> int:
     episode, per_episode = args.memory_tokens
     mid, params, cfg = ensure_memory_token(llm.tokenizer, llm.params, llm.config,
                                            args.memory_token)
-    llm = LLM(cfg, params, llm.tokenizer, llm.generation_config, llm.source)
+    llm = LLM(cfg, params, llm.tokenizer, llm.generation_config, llm.source, verbose=llm.verbose)
+
+    rounds = []
 
     def continue_ids(ids, n):
-        return llm.generate([ids], max_new_tokens=n, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed + len(ids),
-                            max_len=args.max_len, on_text=on_text)[0].token_ids
+        rounds.append(llm.generate([ids], max_new_tokens=n, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, seed=args.seed + len(ids),
+                                   max_len=args.max_len, on_text=on_text)[0])
+        return rounds[-1].token_ids
 
+    prompt_tokens = generated = 0
     for prompt in args.prompt:
         ids = llm.encode(prompt, chat, args.system)
+        prompt_tokens += len(ids)
         new = generate_with_memory_tokens(continue_ids, ids, args.max_new_tokens, episode,
                                           per_episode, mid, llm.eos_token_ids)
         text = llm.tokenizer.decode(new, skip_special_tokens=True)
@@ -204,6 +212,9 @@ def _run_with_memory_tokens(args, llm, chat: bool, on_text) -> int:
             print()
         else:
             print(f"--- {prompt}\n{text}")
+        generated += len(new)
+    sys.stdout.flush()
+    _stats(len(args.prompt), prompt_tokens, generated, rounds[-1])
     return 0
 
 
@@ -230,5 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    _enable_compile_cache()
     sys.exit(main())

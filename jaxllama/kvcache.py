@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxllama.config import DTYPES, ConfigError, ModelConfig, load_model_config
-from jaxllama.memory_tokens import parse_memory_tokens
 from jaxllama.model import init_cache
 
 
@@ -211,21 +210,10 @@ def _positive(name):
     return parse
 
 
-def _memory(value: str) -> tuple[int, int]:
-    try:
-        return parse_memory_tokens(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--memory-tokens ")) from None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = _Parser(prog="python -m jaxllama.kvcache",
+    from jaxllama.cli import CliParser, memory_tokens_arg, model_overrides
+
+    ap = CliParser(prog="python -m jaxllama.kvcache",
                  description="Print the decode-cache bytes per layer kind and in total.")
     ap.add_argument("--config", required=True, help="model preset YAML or HF checkpoint directory")
     ap.add_argument("--seq-len", required=True, type=_positive("seq-len"),
@@ -233,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=_positive("batch"), default=1)
     ap.add_argument("--dtype", choices=DTYPES, default=None,
                     help="cache dtype (default: the config's compute dtype)")
-    ap.add_argument("--memory-tokens", type=_memory, default=None, metavar="E:M",
+    ap.add_argument("--memory-tokens", type=memory_tokens_arg, default=None, metavar="E:M",
                     help="M memory tokens after every E ordinary tokens, e.g. 256:8")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="dotted config override, e.g. model.layer_pattern=lambda (repeatable)")
@@ -242,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(same context, memory tokens, batch and cache dtype; no overrides)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.override)
+        cfg = load_config(args.config, model_overrides(args.override))
         dtype = args.dtype or cfg.dtype
         p = plan(cfg, args.seq_len, args.batch, dtype, args.memory_tokens)
         baseline = None

@@ -4,21 +4,39 @@
     python -m jaxllama.train --recipe configs/recipes/tiny.yaml [base overrides ...]
     python -m jaxllama.train --recipe configs/recipes/llama3-8b-gradient-1048k.yaml --validate
 
-Bad configs and inputs are one line on stderr and exit status 2 (no traceback), before anything
-compiles. SIGTERM / SIGINT finish the current step, save a checkpoint and exit (status 0 for
-SIGTERM, 130 for SIGINT); rerunning the same command resumes from it.
+Bad flags, configs and inputs are one line on stderr and exit status 2 (no traceback), before
+anything compiles; settings are dotted overrides (`--steps 5` is refused with the hint
+`train.steps=5`). SIGTERM / SIGINT finish the current step, save a checkpoint and exit (status 0
+for SIGTERM, 130 for SIGINT); rerunning the same command resumes from it. Rerunning a finished run
+trains nothing: one line says so and how to continue (exit status 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 
+from jaxllama.cli import CliParser, flag_hint
+
+
+def _hint(message: str, argv: list[str]) -> str | None:
+    """`--steps 5` -> `train.steps=5`: the dotted override of a setting given as a flag."""
+    from jaxllama.training.config import TrainConfig
+
+    sections = {}
+    for f in dataclasses.fields(TrainConfig):
+        tp = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(tp):
+            sections[f.name] = [g.name for g in dataclasses.fields(tp)]
+    return flag_hint(message, argv, sections)
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxllama.train", description=__doc__.split("\n")[0])
+    p = CliParser(prog="python -m jaxllama.train", description=__doc__.split("\n")[0],
+                  hint=_hint)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--config", help="train YAML (configs/train/*.yaml)")
     src.add_argument("--recipe", help="progressive context-extension recipe (configs/recipes)")
@@ -76,8 +94,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by {out['stopped']} at step {out['step']}; checkpoint saved "
               "(rerun the same command to resume)", file=sys.stderr)
         return 130 if out["stopped"] == "SIGINT" else 0
-    print(f"done: step {out['step']} loss {out['loss']:.6f}")
+    if out.get("complete"):
+        print(_complete_line(args, out))
+        return 0
+    loss = "" if out.get("loss") is None else f" loss {out['loss']:.6f}"
+    print(f"done: step {out['step']}{loss}")
     return 0
+
+
+def _complete_line(args, out: dict) -> str:
+    """A rerun that trained nothing: where the run stands and how to go on."""
+    if args.recipe:
+        return (f"recipe already complete: every stage has its final/ export under "
+                f"{out.get('output_dir', 'output_dir')}; to train again, give a new "
+                "output_dir=... (or delete it)")
+    step = out["step"]
+    return (f"run already complete at step {step} (train.steps={out.get('steps', step)}); to "
+            f"continue, raise train.steps above {step} (e.g. train.steps={2 * step}), or start "
+            "afresh with a new checkpoint.dir=...")
 
 
 if __name__ == "__main__":

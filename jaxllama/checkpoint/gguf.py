@@ -5,12 +5,22 @@ llama.cpp's converter reorders the rows of the Q and K projections of every head
 half layout to interleaved pairs; reading undoes that so the weights match HF's layout again. Llama
 3.1 files store their RoPE scaling as a `rope_freqs.weight` tensor of per-frequency divisors; it is
 recognised as llama3 scaling when it matches, else kept exactly as a longrope table.
+
+Dequantizing takes seconds (and parsing the metadata of a 49K-token vocabulary a few more), so the
+first load writes the dequantized weights, in HF layout and the requested dtype, with the config
+and generation config, to one safetensors file under jaxllama's cache (`cache_root()`), keyed by
+the GGUF's path, size and modification time; later loads memory-map that file and never open the
+GGUF. `JAXLLAMA_GGUF_CACHE=0` turns the weights cache off (it takes 4 bytes per parameter in
+float32, 2 in bfloat16). The tokenizer built from the metadata is cached the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
+import json
+import logging
 import math
 import os
 import shutil
@@ -29,7 +39,17 @@ from jaxllama.checkpoint.base import (
     with_dtype,
     with_overrides,
 )
-from jaxllama.config import DEFAULT_KIND, AttentionConfig, ConfigError, ModelConfig, RopeConfig
+from jaxllama.config import (
+    DEFAULT_KIND,
+    AttentionConfig,
+    ConfigError,
+    ModelConfig,
+    RopeConfig,
+    model_config_from_dict,
+    to_dict,
+)
+
+log = logging.getLogger(__name__)
 
 _GLOBAL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -155,6 +175,13 @@ def _rope(reader, arch: str, head_dim: int, max_pos: int, where: str) -> RopeCon
     raise CheckpointError(f"{where}: rope scaling type {kind!r} is not supported")
 
 
+def _float32_value(value) -> float:
+    """The decimal a float32 metadata value stands for: the shortest one that reads back as the
+    same float32 (GGUF stores 1e-5 as float32; `float()` of it is 9.999999747378752e-06, which an
+    exported config.json would then spell out)."""
+    return float(str(np.float32(value)))
+
+
 def config_from_gguf(reader, where: str) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -187,7 +214,8 @@ def config_from_gguf(reader, where: str) -> ModelConfig:
                 num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
                 rope=_rope(reader, arch, head_dim, max_pos, where),
                 bias=any(t.name.endswith("attn_q.bias") for t in reader.tensors)),
-            rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rms_norm_eps=_float32_value(
+                _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             tie_word_embeddings=tied)
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
@@ -228,10 +256,19 @@ def tokenizer_cache_dir(path: Path) -> Path:
     """Where the tokenizer built from `path` is kept: building it from GGUF metadata takes seconds,
     loading the saved files a fraction of one. Keyed by the file's absolute path, size and mtime;
     `JAXLLAMA_CACHE` moves the cache root (default ~/.cache/jaxllama)."""
+    return cache_root() / "gguf-tokenizers" / _file_key(path)
+
+
+def cache_root() -> Path:
+    """jaxllama's cache directory: `$JAXLLAMA_CACHE`, default ~/.cache/jaxllama."""
+    return Path(os.environ.get("JAXLLAMA_CACHE") or Path.home() / ".cache" / "jaxllama")
+
+
+def _file_key(path: Path) -> str:
+    """A cache key that changes when the file is replaced or edited: absolute path, size, mtime."""
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    root = Path(os.environ.get("JAXLLAMA_CACHE") or Path.home() / ".cache" / "jaxllama")
-    return root / "gguf-tokenizers" / key[:24]
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def load_gguf_tokenizer(path: Path, use_cache: bool = True):
@@ -244,15 +281,48 @@ def load_gguf_tokenizer(path: Path, use_cache: bool = True):
                 return AutoTokenizer.from_pretrained(str(cache))
         except Exception:  # noqa: BLE001 - a damaged cache entry is rebuilt below
             shutil.rmtree(cache, ignore_errors=True)
+    log.info("building the tokenizer from %s (once; cached)", path.name)
     try:
         with quiet("transformers"):
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            if importlib.util.find_spec("torch") is None:
+                tok = tokenizer_from_metadata(open_reader(path))
+            else:
+                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - any reader error
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF ({msg})") from None
     if cache is not None:
         _store(tok, cache)
     return tok
+
+
+_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                   "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
+
+
+def tokenizer_from_metadata(reader):
+    """The tokenizer `AutoTokenizer.from_pretrained(..., gguf_file=...)` builds, without torch:
+    transformers' GGUF metadata reader imports torch (for tensor dtypes), so without torch (a
+    `pip install -e .` set-up) the metadata is read here with the `gguf` package and handed to
+    the same converter transformers uses (`convert_gguf_tokenizer`, torch-free)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    meta = {k: _field(reader, k) for k in reader.fields if k.startswith("tokenizer.")}
+    groups = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items()
+                      if f"tokenizer.{key}" in meta}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokens, config = groups["tokenizer"], groups["tokenizer_config"]
+    if tokens.get("tokenizer_type") == "llama":  # as transformers: llama.cpp adds BOS there
+        config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        tid = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokens["tokens"][int(tid)] if tid is not None else None
+    backend, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokens)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config, **extra)
 
 
 def _store(tok, cache: Path) -> None:
@@ -282,16 +352,157 @@ def generation_from_gguf(reader) -> dict:
             "pad_token_id": int(pad) if pad is not None else (eos[0] if eos else None)}
 
 
+# ----------------------------------------------------------------------------- dequantized cache
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def weights_cache_file(path: Path, dtype: str) -> Path:
+    """Where the weights of `path` dequantized to `dtype` are kept (see the module docstring)."""
+    return cache_root() / "gguf-weights" / f"{_file_key(path)}-{dtype}.safetensors"
+
+
+def _weights_cache_enabled() -> bool:
+    return os.environ.get("JAXLLAMA_GGUF_CACHE", "1").strip().lower() not in ("0", "false", "no")
+
+
+class _CacheWriter:
+    """Writes a safetensors file tensor by tensor as the loader reads them (any order: the header,
+    with every offset, is written first, each tensor then at its offset), so no second copy of the
+    weights is held; renamed into place only when every tensor is in. A cache that cannot be
+    written is dropped without failing the load."""
+
+    def __init__(self, file: Path, shapes: dict[str, tuple[int, ...]], dtype: str,
+                 metadata: dict[str, str]):
+        import jax.numpy as jnp
+
+        self.file, self.np_dtype = file, jnp.dtype(dtype)
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        self.offsets = {}
+        for name in sorted(shapes):
+            size = int(np.prod(shapes[name], dtype=np.int64)) * self.np_dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
+                            "data_offsets": [offset, offset + size]}
+            self.offsets[name] = offset
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.base = 8 + len(raw)
+        self.pending = set(shapes)
+        self.f = None
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+            self.f = os.fdopen(fd, "wb")
+            self.f.write(len(raw).to_bytes(8, "little") + raw)
+            self.f.truncate(self.base + offset)
+        except OSError:
+            self.abort()
+
+    def write(self, name: str, a: np.ndarray) -> None:
+        if self.f is None:
+            return
+        try:
+            self.f.seek(self.base + self.offsets[name])
+            self.f.write(np.ascontiguousarray(a, self.np_dtype).tobytes())
+            self.pending.discard(name)
+        except OSError:
+            self.abort()
+
+    def commit(self) -> None:
+        if self.f is None or self.pending:
+            self.abort()
+            return
+        try:
+            self.f.close()
+            os.replace(self.tmp, self.file)
+        except OSError:
+            self.abort()
+        self.f = None
+
+    def abort(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        if getattr(self, "tmp", None):
+            Path(self.tmp).unlink(missing_ok=True)
+
+
+def _cached_source(file: Path):
+    """(config, generation config, has vocabulary, TensorSource) of a cache file, or None when
+    there is none or it is unreadable (then it is removed)."""
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(str(file), framework="np")
+        meta = f.metadata() or {}
+        cfg = model_config_from_dict(json.loads(meta["config"]), "cached config")
+        gen = json.loads(meta["generation"])
+        has_vocab = meta["has_vocab"] == "1"
+        names = list(f.keys())
+    except Exception:  # noqa: BLE001 - a damaged entry is rebuilt from the GGUF
+        file.unlink(missing_ok=True)
+        return None
+    src = TensorSource({n: str(file) for n in names},
+                       lambda n: tuple(f.get_slice(n).get_shape()), f.get_tensor, str(file))
+    return cfg, gen, has_vocab, src
+
+
+def _with_cache_writes(src: TensorSource, writer: _CacheWriter) -> TensorSource:
+    def read(name):
+        a = src.read(name)
+        writer.write(name, a)
+        return a
+    return dataclasses.replace(src, read=read)
+
+
 def load_gguf(path: str | os.PathLike, dtype: str = "float32", overrides=(),
-              tokenizer: bool = True) -> Checkpoint:
+              tokenizer: bool = True, cache: bool | None = None) -> Checkpoint:
     """Load a Llama-architecture GGUF file into a `Checkpoint` (weights dequantized to `dtype`;
-    tokenizer None when the file carries no vocabulary)."""
+    tokenizer None when the file carries no vocabulary). `cache` (default: on unless
+    `JAXLLAMA_GGUF_CACHE=0`) reads and writes the dequantized weights cache."""
     path = Path(path)
-    reader = open_reader(path)
     where = str(path)
-    cfg = config_from_gguf(reader, where)
-    cfg = with_dtype(with_overrides(cfg, overrides), dtype)
-    params = assemble_params(cfg, _source(reader, cfg, where), dtype, desc=f"loading {path.name}")
-    has_vocab = _field(reader, "tokenizer.ggml.model") is not None
+    cache = _weights_cache_enabled() if cache is None else cache
+    file = weights_cache_file(path, dtype) if cache else None
+    hit = _cached_source(file) if file is not None else None
+    if hit is not None:
+        stored, gen, has_vocab, src = hit
+        cfg = with_dtype(with_overrides(stored, overrides), dtype)
+        log.info("loading %s weights dequantized earlier (%s)", dtype, file)
+        try:
+            params = assemble_params(cfg, src, dtype, desc=f"loading {path.name}")
+        except CheckpointError:
+            raise
+        except Exception:  # noqa: BLE001 - a truncated or damaged entry: rebuild it
+            file.unlink(missing_ok=True)
+            return load_gguf(path, dtype, overrides, tokenizer, cache)
+    else:
+        reader = open_reader(path)
+        stored = config_from_gguf(reader, where)
+        gen = generation_from_gguf(reader)
+        has_vocab = _field(reader, "tokenizer.ggml.model") is not None
+        cfg = with_dtype(with_overrides(stored, overrides), dtype)
+        src = _source(reader, stored, where)
+        writer = None
+        if file is not None:
+            log.info("dequantizing %s to %s (once; kept in %s)", path.name, dtype, file.parent)
+            meta = {"config": json.dumps(to_dict(stored)), "generation": json.dumps(gen),
+                    "has_vocab": "1" if has_vocab else "0", "source": where}
+            writer = _CacheWriter(file, {n: src.shape(n) for n in src.files}, dtype, meta)
+            src = _with_cache_writes(src, writer)
+        else:
+            log.info("dequantizing %s to %s", path.name, dtype)
+        try:
+            params = assemble_params(cfg, src, dtype, desc=f"loading {path.name}")
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        if writer is not None:
+            writer.commit()
     tok = load_gguf_tokenizer(path) if tokenizer and has_vocab else None
-    return Checkpoint(cfg, params, tok, generation_from_gguf(reader), where)
+    return Checkpoint(cfg, params, tok, gen, where)

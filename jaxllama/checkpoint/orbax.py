@@ -76,7 +76,8 @@ def save_orbax(config: ModelConfig, params: dict, tokenizer, out_dir: str | os.P
             yaml.safe_dump({"model": to_dict(config)}, f, sort_keys=False)
         with quiet("absl"):
             ckpt = _checkpointer()
-            ckpt.save(tmp / PARAMS_DIR, jax.tree.map(jnp.asarray, params))
+            # orbax refuses relative paths
+            ckpt.save((tmp / PARAMS_DIR).absolute(), jax.tree.map(jnp.asarray, params))
             ckpt.wait_until_finished()
             ckpt.close()
         with open(tmp / GENERATION, "w") as f:
@@ -100,7 +101,7 @@ def _stored_tree(ckpt, params_dir: Path):
 def load_orbax(path: str | os.PathLike, dtype: str = "float32", overrides=()) -> Checkpoint:
     from jaxllama.model import relayout_params
 
-    path = Path(path)
+    path = Path(path).absolute()  # orbax refuses relative paths
     try:
         cfg = load_model_config(path / MODEL_YAML)
     except ConfigError as e:

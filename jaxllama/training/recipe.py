@@ -14,7 +14,8 @@ empirically), the learning rate stays 2e-5, ring attention spans the sequence. A
 
 Stage k trains with `base` plus its own settings and writes `output_dir/<name>/` (checkpoints,
 metrics, and `final/`, a jaxllama orbax export); stage k+1 initialises from stage k's `final/`.
-A finished stage (its `final/` exists) is skipped, so rerunning a recipe resumes it.
+A finished stage (its `final/` exists) is skipped, so rerunning a recipe resumes it, and rerunning
+a finished recipe trains nothing (`complete` in the result).
 `validate_recipe` checks every stage with `jax.eval_shape` on an abstract mesh of `devices`
 devices: shapes, shardings and the whole train step are traced, nothing is allocated or run.
 """
@@ -148,10 +149,13 @@ def run_recipe(recipe: RecipeConfig) -> dict[str, Any]:
             results.append({"stage": st.name, "skipped": True})
             continue
         out = run(stage_config(recipe, i))
-        results.append({"stage": st.name, "step": out["step"], "loss": out["loss"]})
+        results.append({"stage": st.name, "step": out["step"], "loss": out["loss"],
+                        "complete": bool(out.get("complete"))})
         if out["stopped"]:
             break
-    return {**out, "stages": results}
+    # complete: nothing left to train (every stage finished before this call)
+    complete = all(r.get("skipped") or r.get("complete") for r in results)
+    return {**out, "stages": results, "complete": complete, "output_dir": recipe.output_dir}
 
 
 def _bytes_per_device(tree) -> float:

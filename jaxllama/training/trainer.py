@@ -150,8 +150,11 @@ def export(cfg: TrainConfig, bundle: ModelBundle, params) -> None:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train per `cfg`. Returns {step, loss, losses: {step: loss}, stopped: signal name or None}."""
+    """Train per `cfg`. Returns {step, loss, losses: {step: loss}, stopped: signal name or None,
+    complete: True when the checkpoint directory already held a run of `train.steps` steps (then
+    nothing is trained and loss is None)}."""
     init_distributed(cfg.distributed)
+    log.info("loading the model and the tokenizer")
     bundle = load_model(cfg)  # the resolved model config decides the zigzag sequence layout
     sizes = check_against_devices(cfg, jax.device_count(), jax.process_count(),
                                   bundle.config.kernels.context_parallel)
@@ -170,7 +173,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.checkpoint.dir:
         c = cfg.checkpoint
         ckpt = CheckpointManager(c.dir, c.every, c.keep, c.async_save)
+    log.info("setting up the train state on mesh %s", sizes)
     state, start = _initial_state(cfg, model, tx, mesh, bundle, ckpt, loader)
+    if start >= t.steps:  # a finished run: nothing to train (and nothing to compile)
+        ckpt.close()
+        if any(p and not Path(p).exists() for p in (cfg.checkpoint.export_hf,
+                                                    cfg.checkpoint.export_orbax)):
+            export(cfg, bundle, state.params)  # a run cut short while exporting
+        return {"step": start, "loss": None, "losses": {}, "stopped": None, "complete": True,
+                "steps": t.steps}
+    log.info("compiling the train step (the first step waits for it)")
     step_fn = compile_train_step(model, tx, mesh, loss_chunk=t.loss_chunk, grad_accum=t.grad_accum)
     log_dir = cfg.log.dir or cfg.checkpoint.dir
     metrics = MetricsLog(log_dir, total_steps=t.steps, start_step=start,
@@ -250,7 +262,8 @@ def _loop(cfg, bundle, state, step, step_fn, loader, ckpt, metrics, stop, schedu
                       {"loss": loss, "model": to_dict(bundle.config)})
         if step == cfg.checkpoint.preempt_at_step:
             os.kill(os.getpid(), signal.SIGTERM)  # the real signal path, at a known step
-    return state, {"step": step, "loss": losses.get(step), "losses": losses, "stopped": stopped}
+    return state, {"step": step, "loss": losses.get(step), "losses": losses, "stopped": stopped,
+                   "complete": False}
 
 
 def output_paths(cfg: TrainConfig) -> list[Path]:
