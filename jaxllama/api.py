@@ -267,17 +267,23 @@ def from_pretrained(path: str | os.PathLike | None = None, dtype: str = "float32
     `["model.layer_pattern=lambda"]`. `verbose`: status lines on stderr (None: when stderr is a
     terminal; see the module docstring); `compile_cache`: turn on the persistent compilation
     cache."""
-    from jaxllama.checkpoint import checkpoint_format, default_checkpoint, load_checkpoint
+    from jaxllama.checkpoint import (
+        checkpoint_format,
+        default_checkpoint,
+        load_checkpoint,
+        resolve_checkpoint,
+    )
 
     if compile_cache:
         enable_compile_cache()
     if verbose is None:
         verbose = sys.stderr.isatty()
     with _status(verbose):
-        fmt = checkpoint_format(default_checkpoint() if path is None else path)
+        path = default_checkpoint() if path is None else resolve_checkpoint(path)  # Hub ids too
+        fmt = checkpoint_format(path)
         # GGUF loads say what they do themselves (dequantizing, or reading the cache); other
         # formats get one line when loading takes a while
-        name = Path(path).name if path is not None else "the embedded model"
+        name = Path(path).name
         with _deferred(None if fmt == "gguf" else "loading %s (%s)", name, dtype):
             ck = load_checkpoint(path, dtype, overrides)
     return LLM(ck.config, ck.params, ck.tokenizer, ck.generation_config, ck.source,

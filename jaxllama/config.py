@@ -125,8 +125,8 @@ class LambdaConfig:
         100 sink tokens (its Llama-2 setting: local 4096, global 100, limit 4096; G from 10 to
         100 behaves alike), G capped at n for tiny contexts. The default of a lambda layer
         pattern given without a `lambda` section."""
-        _check(n > 0, "lambda", f"no default window for a trained context of {n} tokens: add "
-               "model.lambda.window=N")
+        _check(n > 0, "max_position_embeddings", f"no default lambda window for a trained "
+               f"context of {n} tokens: add model.lambda.window=N")
         return cls(global_tokens=min(100, n), window=n, distance=n)
 
 

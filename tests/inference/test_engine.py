@@ -164,7 +164,7 @@ def _live_cache_keys(cfg, batch, slots):
     """How many live arrays have the shape of a stacked [n B S K H] and of a per-layer
     [B S K H] dense cache key/value buffer."""
     a = cfg.attention
-    layer = (batch, slots, a.num_kv_heads, a.head_dim)
+    layer = (batch, slots, a.num_kv_heads, a.head_dim_for(cfg.hidden_size))
     shapes = [x.shape for x in jax.live_arrays()]
     return shapes.count((cfg.num_layers,) + layer), shapes.count(layer)
 
