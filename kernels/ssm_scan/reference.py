@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxllama.kernels._common import F32, cdiv, pad_to
@@ -173,7 +172,7 @@ def ssd_chunked(x, dt, A, B, C, D=None, initial_state=None, segment_ids=None, ch
     `ops` (whose kernels carry their own vjp). Any length: the tail chunk is padded with dt = 0
     (decay 1, no input), so padding changes neither outputs nor the final state."""
     b, s, h, p = x.shape
-    g, n = B.shape[2:]
+    n = B.shape[3]
     L = int(chunk_size)
     nc = cdiv(s, L)
     valid, run = segment_runs(segment_ids, b, s)

@@ -163,38 +163,39 @@ class TestXla(ScanKernelTest):
 
 def test_segments_mean_separate_documents():
     """Analytic probe: each packed document equals its own scan from zero (the first one from the
-    initial state), padding outputs 0 and leaves the state alone."""
+    initial state), padding outputs 0 and leaves the state alone; one compile."""
     case = Case("probe", 24, 2, 1, chunk=8)
     xs, _ = _ssd_inputs(case, 3)
     seg = np.array([[0, 0] + [1] * 7 + [2] * 5 + [0] + [2] * 4 + [3] * 3 + [0, 0]] * 2, np.int32)
-    y, final = ssd_scan(**xs, segment_ids=seg, chunk_size=8, implementation="xla")
+    keep = [*range(9, 14), *range(15, 19)]  # document 2 across its padding hole
 
-    def alone(lo, hi, initial=None):
-        piece = {k: v[:, lo:hi] for k, v in xs.items() if k in "x dt B C".split()}
+    def alone(xs, idx, initial=None):
+        piece = {k: v[:, idx] for k, v in xs.items() if k in ("x", "dt", "B", "C")}
         return reference.ssd_sequential(**piece, A=xs["A"], D=xs["D"], initial_state=initial)
 
-    y1, _ = alone(2, 9, xs["initial_state"])
+    def probe(xs):
+        packed = ssd_scan(**xs, segment_ids=seg, chunk_size=8, implementation="xla")
+        return (packed, alone(xs, np.arange(2, 9), xs["initial_state"]), alone(xs, keep),
+                alone(xs, np.arange(19, 22)))
+
+    (y, final), (y1, _), (y2, _), (y3, f3) = compile_fast(probe, xs)(xs)
     np.testing.assert_allclose(y[:, 2:9], y1, atol=1e-5)
-    y3, f3 = alone(19, 22)
+    np.testing.assert_allclose(y[:, keep], y2, atol=1e-5)
     np.testing.assert_allclose(y[:, 19:22], y3, atol=1e-5)
     np.testing.assert_allclose(final, f3, atol=1e-5)  # trailing padding keeps the state
     assert np.all(np.asarray(y)[:, [0, 1, 14, 22, 23]] == 0)
-    # document 2 across its padding hole is the scan of its 9 real tokens
-    keep = [*range(9, 14), *range(15, 19)]
-    piece = {k: v[:, keep] for k, v in xs.items() if k in "x dt B C".split()}
-    y2, _ = reference.ssd_sequential(**piece, A=xs["A"], D=xs["D"])
-    np.testing.assert_allclose(y[:, keep], y2, atol=1e-5)
 
 
-def test_chunked_ssd_any_chunk_size_and_jnp_chunk_ops():
+def test_chunked_ssd_any_chunk_size():
     """Chunk sizes that divide, do not divide, and exceed the length give one answer."""
-    case = Case("chunks", 27, 4, 2)
-    xs, _ = _ssd_inputs(case, 5)
-    want, want_f = reference.ssd_sequential(**xs)
-    for chunk in (1, 4, 9, 27, 64):
-        y, f = reference.ssd_chunked(**xs, chunk_size=chunk)
-        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(f, want_f, rtol=1e-5, atol=1e-5)
+    xs, _ = _ssd_inputs(Case("chunks", 27, 4, 2), 5)
+    chunks = (1, 4, 9, 27, 64)
+    run = lambda xs: [reference.ssd_sequential(**xs)] + [
+        reference.ssd_chunked(**xs, chunk_size=c) for c in chunks]
+    (want, want_f), *got = compile_fast(run, xs)(xs)
+    for chunk, (y, f) in zip(chunks, got):
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
+        np.testing.assert_allclose(f, want_f, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
 
 
 def test_bad_shapes_and_names_raise():
