@@ -1,0 +1,222 @@
+"""Every ssm_scan implementation against the sequential `lax.scan` specification: outputs, final
+state and `jax.vjp` gradients of x, dt, A, B, C, D and the initial state (random cotangents on y and
+the final state), over ragged lengths (not multiples of the chunk), several chunk sizes, ngroups,
+float32 and bfloat16, and packed/padded segment ids. Mamba2 (`ssd_scan`) and Mamba1
+(`selective_scan`). Built on kernel_test_base: one test class per implementation; each Pallas case
+also proves its kernels ran (names in the compiled HLO)."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxllama.kernels import _dispatch
+from jaxllama.kernels.ssm_scan import reference
+from jaxllama.kernels.ssm_scan.api import UnavailableImplementation, selective_scan, ssd_scan
+from kernel_test_base import TOLERANCE, KernelTestBase, compile_fast, fresh_normal
+
+# the final state is a sum over the whole sequence like y; the same bounds apply
+SSM_TOLERANCE = {k: {**v, "state": v["out"]} for k, v in TOLERANCE.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    s: int
+    heads: int  # H (Mamba2) or channels Dm (Mamba1)
+    groups: int
+    chunk: int = 16  # Mamba2 only
+    dtype: str = "float32"
+    segments: str | None = None  # packed | left_pad
+    d_shape: str = "head"  # Mamba2 D: none | head ([H]) | channel ([H P])
+    initial: bool = True
+    b: int = 2
+    p: int = 4
+    n: int = 8
+
+
+SSD_CASES = [
+    Case("ragged_g1", 37, 4, 1, chunk=16),
+    Case("ragged_g2_chunk8_channel_d", 29, 4, 2, chunk=8, d_shape="channel"),
+    Case("g4_bf16", 21, 4, 4, chunk=16, dtype="bfloat16"),
+    Case("packed_chunk8", 35, 2, 1, chunk=8, segments="packed"),
+    Case("left_pad_bf16_no_d", 26, 4, 2, chunk=16, dtype="bfloat16", segments="left_pad",
+         d_shape="none"),
+    Case("one_chunk_no_initial", 11, 2, 2, chunk=32, initial=False),
+]
+SELECTIVE_CASES = [
+    Case("ragged_g1", 37, 6, 1),
+    Case("g3_bf16", 21, 6, 3, dtype="bfloat16"),
+    Case("packed_g2", 30, 4, 2, segments="packed"),
+    Case("left_pad_no_initial", 19, 4, 1, segments="left_pad", initial=False),
+]
+
+
+def _segment_ids(case: Case):
+    b, s = case.b, case.s
+    if case.segments == "packed":  # three documents, a padding hole, right padding
+        row = np.ones(s, np.int32)
+        row[s // 3:] = 2
+        row[(2 * s) // 3:] = 3
+        row[s // 2] = 0
+        row[-3:] = 0
+        return np.stack([row, np.roll(np.maximum(row, 1), 2)])
+    if case.segments == "left_pad":
+        return np.stack([(np.arange(s) >= k).astype(np.int32) * 5 for k in (0, 6)][:b])
+    return None
+
+
+def _ssd_inputs(case: Case, seed: int):
+    b, s, h, g, p, n = case.b, case.s, case.heads, case.groups, case.p, case.n
+    x, dt, a, B, C, D, h0, ct_y, ct_f = fresh_normal(seed, [
+        (b, s, h, p), (b, s, h), (h,), (b, s, g, n), (b, s, g, n),
+        (h, p) if case.d_shape == "channel" else (h,), (b, h, p, n), (b, s, h, p), (b, h, p, n)],
+        jnp.float32)
+    lo = jnp.dtype(case.dtype)
+    xs = {"x": x.astype(lo), "dt": jax.nn.softplus(dt).astype(lo), "A": -jnp.exp(0.5 * a),
+          "B": B.astype(lo), "C": C.astype(lo)}
+    if case.d_shape != "none":
+        xs["D"] = D
+    if case.initial:
+        xs["initial_state"] = h0
+    return xs, (ct_y.astype(lo), ct_f)
+
+
+def _selective_inputs(case: Case, seed: int):
+    b, s, dm, g, n = case.b, case.s, case.heads, case.groups, case.n
+    u, delta, a, B, C, D, h0, ct_y, ct_f = fresh_normal(seed, [
+        (b, s, dm), (b, s, dm), (dm, n), (b, s, g, n), (b, s, g, n), (dm,), (b, dm, n),
+        (b, s, dm), (b, dm, n)], jnp.float32)
+    lo = jnp.dtype(case.dtype)
+    xs = {"u": u.astype(lo), "delta": jax.nn.softplus(delta).astype(lo), "A": -jnp.exp(0.5 * a),
+          "B": B.astype(lo), "C": C.astype(lo), "D": D}
+    if case.initial:
+        xs["initial_state"] = h0
+    return xs, (ct_y.astype(lo), ct_f)
+
+
+def _fwd_and_grads(fn, seg):
+    """(y, final, grads of every input) of fn(**xs, segment_ids=seg) under cotangents cts."""
+    def run(xs, cts):
+        out, vjp = jax.vjp(lambda xs: fn(**xs, segment_ids=seg), xs)
+        return out, vjp(cts)[0]
+    return run
+
+
+def _ssd_spec(x, dt, A, B, C, D=None, initial_state=None, segment_ids=None):
+    f32 = lambda a: None if a is None else a.astype(jnp.float32)
+    return reference.ssd_sequential(f32(x), f32(dt), A, f32(B), f32(C), D, initial_state,
+                                    segment_ids)
+
+
+def _selective_spec(u, delta, A, B, C, D=None, initial_state=None, segment_ids=None):
+    f32 = lambda a: None if a is None else a.astype(jnp.float32)
+    return reference.selective_sequential(f32(u), f32(delta), A, f32(B), f32(C), D,
+                                          initial_state, segment_ids)
+
+
+@functools.cache
+def _truth(form: str, case: Case):
+    """The specification in float32 on the case's (rounded) inputs: (y, final), grads."""
+    inputs = _ssd_inputs if form == "ssd" else _selective_inputs
+    spec = _ssd_spec if form == "ssd" else _selective_spec
+    xs, cts = inputs(case, seed=hash(case.name) % 1000)
+    cts32 = jax.tree.map(lambda a: a.astype(jnp.float32), cts)
+    run = _fwd_and_grads(spec, _segment_ids(case))
+    return jax.tree.map(np.asarray, compile_fast(run, xs, cts32)(xs, cts32))
+
+
+class ScanKernelTest(KernelTestBase):
+    TOLERANCE = SSM_TOLERANCE
+
+    def check(self, form: str, case: Case):
+        inputs = _ssd_inputs if form == "ssd" else _selective_inputs
+        xs, cts = inputs(case, seed=hash(case.name) % 1000)
+        if form == "ssd":
+            fn = functools.partial(ssd_scan, chunk_size=case.chunk,
+                                   implementation=self.implementation)
+        else:
+            fn = functools.partial(selective_scan, implementation=self.implementation)
+        (got, grads), compiled = self.run_compiled(_fwd_and_grads(fn, _segment_ids(case)), xs,
+                                                   cts)
+        (want, want_grads) = _truth(form, case)
+        self.assert_close("out", got[0], want[0], case.dtype, "y")
+        self.assert_close("state", got[1], want[1], jnp.float32, "final_state")
+        for k, g in grads.items():
+            self.assert_close("grad", g, want_grads[k], xs[k].dtype, f"d{k}")
+        self.assert_kernels_ran(compiled)
+
+
+class TestXla(ScanKernelTest):
+    implementation = "xla"
+
+    @pytest.mark.parametrize("case", SSD_CASES, ids=lambda c: c.name)
+    def test_ssd_matches_sequential(self, case):
+        self.check("ssd", case)
+
+    @pytest.mark.parametrize("case", SELECTIVE_CASES, ids=lambda c: c.name)
+    def test_selective_matches_sequential(self, case):
+        self.check("selective", case)
+
+
+def test_segments_mean_separate_documents():
+    """Analytic probe: each packed document equals its own scan from zero (the first one from the
+    initial state), padding outputs 0 and leaves the state alone; one compile."""
+    case = Case("probe", 24, 2, 1, chunk=8)
+    xs, _ = _ssd_inputs(case, 3)
+    seg = np.array([[0, 0] + [1] * 7 + [2] * 5 + [0] + [2] * 4 + [3] * 3 + [0, 0]] * 2, np.int32)
+    keep = [*range(9, 14), *range(15, 19)]  # document 2 across its padding hole
+
+    def alone(xs, idx, initial=None):
+        piece = {k: v[:, idx] for k, v in xs.items() if k in ("x", "dt", "B", "C")}
+        return reference.ssd_sequential(**piece, A=xs["A"], D=xs["D"], initial_state=initial)
+
+    def probe(xs):
+        packed = ssd_scan(**xs, segment_ids=seg, chunk_size=8, implementation="xla")
+        return (packed, alone(xs, np.arange(2, 9), xs["initial_state"]), alone(xs, keep),
+                alone(xs, np.arange(19, 22)))
+
+    (y, final), (y1, _), (y2, _), (y3, f3) = compile_fast(probe, xs)(xs)
+    np.testing.assert_allclose(y[:, 2:9], y1, atol=1e-5)
+    np.testing.assert_allclose(y[:, keep], y2, atol=1e-5)
+    np.testing.assert_allclose(y[:, 19:22], y3, atol=1e-5)
+    np.testing.assert_allclose(final, f3, atol=1e-5)  # trailing padding keeps the state
+    assert np.all(np.asarray(y)[:, [0, 1, 14, 22, 23]] == 0)
+
+
+def test_chunked_ssd_any_chunk_size():
+    """Chunk sizes that divide, do not divide, and exceed the length give one answer."""
+    xs, _ = _ssd_inputs(Case("chunks", 27, 4, 2), 5)
+    chunks = (1, 4, 9, 27, 64)
+    run = lambda xs: [reference.ssd_sequential(**xs)] + [
+        reference.ssd_chunked(**xs, chunk_size=c) for c in chunks]
+    (want, want_f), *got = compile_fast(run, xs)(xs)
+    for chunk, (y, f) in zip(chunks, got):
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
+        np.testing.assert_allclose(f, want_f, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
+
+
+def test_bad_shapes_and_names_raise():
+    case = Case("bad", 8, 4, 2)
+    xs, _ = _ssd_inputs(case, 1)
+    with pytest.raises(ValueError, match="4 heads are not a multiple of 3 B/C groups"):
+        ssd_scan(**{**xs, "B": xs["B"][:, :, :1].repeat(3, 2), "C": xs["C"][:, :, :1].repeat(3, 2)})
+    with pytest.raises(ValueError, match=r"dt has shape \(2, 8, 3\)"):
+        ssd_scan(**{**xs, "dt": xs["dt"][..., :3]})
+    with pytest.raises(ValueError, match="initial_state has shape"):
+        ssd_scan(**{**xs, "initial_state": xs["initial_state"][:, :2]})
+    with pytest.raises(ValueError, match="'cudnn' is not one of"):
+        ssd_scan(**xs, implementation="cudnn")
+    with pytest.raises(UnavailableImplementation, match="needs a CUDA GPU|has no implementation"):
+        ssd_scan(**xs, implementation="pallas_gpu")
+    with pytest.raises(UnavailableImplementation, match="needs a TPU|has no implementation"):
+        ssd_scan(**xs, implementation="pallas_tpu")
+    m1, _ = _selective_inputs(Case("bad1", 8, 4, 2), 1)
+    with pytest.raises(ValueError, match=r"A has shape \(4, 7\)"):
+        selective_scan(**{**m1, "A": m1["A"][:, :7]})
+
+
+def test_auto_is_xla_on_cpu():
+    assert _dispatch.resolve("auto", "ssm_scan") == "xla"
