@@ -1,4 +1,4 @@
-"""Residual block: norm -> mixer -> +x -> norm -> mlp -> +x."""
+"""Residual block: norm -> mixer -> +x -> norm -> mlp -> +x (no MLP when intermediate_size is 0)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class Block(nn.Module):
         y, cache = mixer(RMSNorm(c.rms_norm_eps, name="mixer_norm", **kw)(x), positions, cache,
                          segment_ids)
         x = x + y
-        x = x + MLP(c.hidden_size, c.intermediate_size, name="mlp", **kw)(
-            RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x))
+        if c.intermediate_size:
+            x = x + MLP(c.hidden_size, c.intermediate_size, name="mlp", **kw)(
+                RMSNorm(c.rms_norm_eps, name="mlp_norm", **kw)(x))
         return constrain(x, ("batch", "seq", "act_embed")), cache

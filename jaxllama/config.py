@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-LayerKind = Literal["dense", "lambda", "fot", "mla", "mamba"]
+LayerKind = Literal["dense", "lambda", "fot", "mla", "mamba", "mamba2"]
 LAYER_KINDS: tuple[str, ...] = typing.get_args(LayerKind)
 DEFAULT_KIND: LayerKind = "dense"
 # The one table of kind names outside `jaxllama/mixers/` (the mixers import this module, so it
@@ -24,7 +24,8 @@ DEFAULT_KIND: LayerKind = "dense"
 # each built kind -> the `ModelConfig` field holding its own knobs (None: none beyond the model's).
 # The registry checks at import that every spec's `config_field` agrees; a kind of `LayerKind`
 # missing here is not built yet.
-KIND_FIELDS: dict[str, str | None] = {"dense": "attention", "lambda": "lambda_"}
+KIND_FIELDS: dict[str, str | None] = {"dense": "attention", "lambda": "lambda_",
+                                      "mamba": "mamba", "mamba2": "mamba2"}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLEMENTATIONS = ("auto", "xla", "pallas_interpret", "pallas_gpu", "pallas_tpu")
@@ -130,6 +131,73 @@ class LambdaConfig:
         return cls(global_tokens=min(100, n), window=n, distance=n)
 
 
+@dataclass(frozen=True)
+class MambaConfig:
+    """Mamba1 selective-scan layers (YAML `mamba:`, METHODS section 9): inner width E =
+    expand x hidden_size, state size N, causal depthwise conv of width W, dt rank R (0 =
+    ceil(hidden_size / 16)), B and C shared by `n_groups` groups of E / n_groups channels (1 =
+    plain Mamba1; Mamba-in-the-Llama's conversion uses more)."""
+
+    state_size: int = 16
+    expand: int = 2
+    conv_kernel: int = 4
+    time_step_rank: int = 0
+    n_groups: int = 1
+    use_bias: bool = False  # in_proj, out_proj
+    use_conv_bias: bool = True
+
+    def __post_init__(self):
+        for name in ("state_size", "expand", "conv_kernel", "n_groups"):
+            _check(getattr(self, name) > 0, f"mamba.{name}", "must be > 0")
+        _check(self.time_step_rank >= 0, "mamba.time_step_rank", "must be >= 0 (0 = auto)")
+
+
+@dataclass(frozen=True)
+class Mamba2Config:
+    """Mamba2 (SSD) layers (YAML `mamba2:`): `num_heads` heads of `head_dim` channels (0 =
+    expand x hidden_size / head_dim), scalar decay per head, B and C in `n_groups` groups of
+    `state_size`, conv over [x, B, C], gated RMSNorm over groups of `norm_group_size` channels
+    (0 = E / n_groups) with `norm_eps` (None = the model's rms_norm_eps), D per head or per
+    channel, dt clamped to `time_step_limit`. `xb_heads` > 0 is Zebra-Llama's variant: x and B
+    have `xb_heads` heads (x of head_dim, B of state_size channels) that are repeated over the
+    heads after the conv (fixtures/zebra-tiny/README.md "Semantics")."""
+
+    num_heads: int = 0
+    head_dim: int = 64
+    expand: int = 2
+    state_size: int = 128
+    n_groups: int = 1
+    conv_kernel: int = 4
+    chunk_size: int = 256
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    time_step_limit: tuple[float, ...] = (0.0, float("inf"))
+    norm_before_gate: bool = False
+    norm_group_size: int = 0
+    norm_eps: float | None = None
+    d_per_channel: bool = False
+    xb_heads: int = 0
+
+    def __post_init__(self):
+        for name in ("head_dim", "expand", "state_size", "n_groups", "conv_kernel",
+                     "chunk_size"):
+            _check(getattr(self, name) > 0, f"mamba2.{name}", "must be > 0")
+        for name in ("num_heads", "norm_group_size", "xb_heads"):
+            _check(getattr(self, name) >= 0, f"mamba2.{name}", "must be >= 0")
+        lo_hi = self.time_step_limit
+        _check(len(lo_hi) == 2 and 0 <= lo_hi[0] < lo_hi[1], "mamba2.time_step_limit",
+               f"must be [min, max] with 0 <= min < max, got {list(lo_hi)}")
+        if self.xb_heads:
+            _check(self.head_dim == self.state_size, "mamba2.xb_heads",
+                   f"needs head_dim == state_size, got {self.head_dim} and {self.state_size}")
+            _check(self.n_groups % self.xb_heads == 0, "mamba2.xb_heads",
+                   f"{self.xb_heads} does not divide n_groups {self.n_groups}")
+
+    def heads_for(self, hidden_size: int) -> int:
+        """h: `num_heads`, or expand x hidden_size / head_dim when it is 0."""
+        return self.num_heads or self.expand * hidden_size // self.head_dim
+
+
 # Sub-config fields that a layer pattern may leave out: built from the model's trained context
 # (`max_position_embeddings`) when a config is read from a mapping (YAML, overrides, checkpoints).
 CONTEXT_DEFAULTS = {"lambda_": LambdaConfig.for_context}
@@ -159,7 +227,8 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder of `len(layer_pattern)` blocks, each with the mixer of its kind and a SwiGLU MLP.
+    """A decoder of `len(layer_pattern)` blocks, each with the mixer of its kind and a SwiGLU MLP
+    (none when `intermediate_size` is 0, as in HF Mamba models).
 
     Fields that belong to the whole model (width, context length `max_position_embeddings`,
     norms, dtypes) live here; each kind's own knobs live in its sub-config field (`KIND_FIELDS`),
@@ -173,6 +242,8 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     lambda_: LambdaConfig | None = None
+    mamba: MambaConfig | None = None
+    mamba2: Mamba2Config | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # compute dtype
@@ -197,7 +268,7 @@ class ModelConfig:
                    f"model.{name}.<key>=<value>)")
         _check(self.vocab_size > 0, "vocab_size", "must be > 0")
         _check(self.hidden_size > 0, "hidden_size", "must be > 0")
-        _check(self.intermediate_size > 0, "intermediate_size", "must be > 0")
+        _check(self.intermediate_size >= 0, "intermediate_size", "must be >= 0 (0 = no MLP)")
         _check(self.max_position_embeddings > 0, "max_position_embeddings", "must be > 0")
         _check(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
         _check(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} is not one of {DTYPES}")

@@ -4,6 +4,8 @@ from pathlib import Path
 import pytest
 
 from jaxllama.config import (
+    KIND_FIELDS,
+    LAYER_KINDS,
     AttentionConfig,
     ConfigError,
     KernelConfig,
@@ -121,8 +123,11 @@ def test_only_the_config_table_and_the_mixers_name_layer_kinds():
 def test_unknown_and_unbuilt_kinds_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"layer_pattern\[1\]: 'densse' is not one of"):
         ModelConfig(layer_pattern=("dense", "densse"))
-    with pytest.raises(ConfigError, match=r"layer_pattern\[0\]: layer kind 'mamba' is not available"):
-        ModelConfig(layer_pattern=("mamba",))
+    unbuilt = [k for k in LAYER_KINDS if k not in KIND_FIELDS]
+    if unbuilt:  # a kind of the LayerKind literal that no mixer registers yet
+        with pytest.raises(ConfigError, match=rf"layer_pattern\[0\]: layer kind '{unbuilt[0]}' "
+                                              "is not available"):
+            ModelConfig(layer_pattern=(unbuilt[0],))
     with pytest.raises(ConfigError, match=r"layer kind 'fot' is not registered"):
         spec_of("fot")
 

@@ -215,9 +215,10 @@ def check_tensors(specs: dict[str, TensorSpec], src: TensorSource, ignore: Itera
 
 
 def assemble_params(cfg: ModelConfig, src: TensorSource, dtype: str, ignore: Iterable[str] = (),
-                    desc: str = "loading") -> dict:
-    """Read every tensor of `cfg` from `src` into a params tree of jnp arrays in `dtype`."""
-    specs = tensor_specs(cfg)
+                    desc: str = "loading", specs: dict[str, TensorSpec] | None = None) -> dict:
+    """Read every tensor of `cfg` from `src` into a params tree of jnp arrays in `dtype`
+    (`specs`: a table other than the Llama one, e.g. `mamba_hf.tensor_specs`)."""
+    specs = tensor_specs(cfg) if specs is None else specs
     check_tensors(specs, src, ignore)
     np_dtype = jnp.dtype(dtype)
     params: dict = {}
@@ -240,11 +241,13 @@ def assemble_params(cfg: ModelConfig, src: TensorSource, dtype: str, ignore: Ite
     return params
 
 
-def export_tensors(cfg: ModelConfig, params: dict) -> Iterable[tuple[str, np.ndarray]]:
+def export_tensors(cfg: ModelConfig, params: dict, specs: dict[str, TensorSpec] | None = None
+                   ) -> Iterable[tuple[str, np.ndarray]]:
     """(HF name, numpy array in HF layout) for every tensor, one at a time, in HF order. Every
     shape is checked before the first tensor is yielded; layer tensors are read from the
-    per-layer view (`model.unstack`) of the params moved to host once."""
-    specs = tensor_specs(cfg)
+    per-layer view (`model.unstack`) of the params moved to host once. `specs` as in
+    `assemble_params`."""
+    specs = tensor_specs(cfg) if specs is None else specs
     for path, shape in stacked_shapes(cfg, specs).items():
         got = tuple(get_path(params, path).shape)
         if got != shape:

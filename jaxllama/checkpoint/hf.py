@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from jaxllama.checkpoint import mamba_hf
 from jaxllama.checkpoint.base import (
     Checkpoint,
     CheckpointError,
@@ -100,11 +101,13 @@ def load_tokenizer(path: Path):
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", overrides=()) -> Checkpoint:
-    """Load an HF Llama directory (config.json + safetensors) into a `Checkpoint`."""
+    """Load an HF Llama (or Mamba, Mamba2: `mamba_hf`) directory into a `Checkpoint`."""
     path = Path(path)
     raw = read_json(path / "config.json")
-    cfg = config_from_hf(raw, str(path / "config.json"))
+    from_hf = mamba_hf.config_from_hf if mamba_hf.is_mamba_config(raw) else config_from_hf
+    cfg = from_hf(raw, str(path / "config.json"))
     cfg = with_dtype(with_overrides(cfg, overrides), dtype)
+    specs = mamba_hf.tensor_specs(cfg) if mamba_hf.is_mamba_config(raw) else None
     files, missing_where = _tensor_files(path)
     ignore = ["lm_head.weight"] if cfg.tie_word_embeddings else []
     with contextlib.ExitStack() as stack:
@@ -128,7 +131,8 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", overrides=()) -> Ch
             return handle(name).get_tensor(name)
 
         src = TensorSource({k: str(v) for k, v in files.items()}, shape, read, missing_where)
-        params = assemble_params(cfg, src, dtype, ignore=ignore, desc=f"loading {path.name}")
+        params = assemble_params(cfg, src, dtype, ignore=ignore, desc=f"loading {path.name}",
+                                 specs=specs)
     tokenizer = load_tokenizer(path)
     gen_file = path / "generation_config.json"
     gen = read_json(gen_file) if gen_file.is_file() else {}
@@ -142,7 +146,8 @@ def _dtype_name(params: dict) -> str:
     return str(jnp.asarray(params["embed"]["embedding"]).dtype)
 
 
-def _write_shards(cfg: ModelConfig, params: dict, out: Path, max_shard_bytes: int) -> None:
+def _write_shards(cfg: ModelConfig, params: dict, out: Path, max_shard_bytes: int,
+                  specs=None) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + an index past `max_shard_bytes`."""
     shards: list[list[str]] = []
     total = 0
@@ -156,8 +161,8 @@ def _write_shards(cfg: ModelConfig, params: dict, out: Path, max_shard_bytes: in
             shards.append(list(current))
             current, size = {}, 0
 
-    tensors = export_tensors(cfg, params)
-    bar = tqdm(tensors, total=len(tensor_specs(cfg)), desc="writing", unit="tensor", disable=None,
+    tensors = export_tensors(cfg, params, specs)
+    bar = tqdm(tensors, total=len(specs or tensor_specs(cfg)), desc="writing", unit="tensor", disable=None,
                leave=False)
     for name, a in bar:
         if current and size + a.nbytes > max_shard_bytes:
@@ -181,14 +186,18 @@ def _write_shards(cfg: ModelConfig, params: dict, out: Path, max_shard_bytes: in
 def save_hf(config: ModelConfig, params: dict, tokenizer, out_dir: str | os.PathLike,
             generation_config: dict | None = None, *, overwrite: bool = False,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> str:
-    """Write an HF Llama directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+    """Write an HF Llama (or, for an HF-Mamba-layout model, Mamba / Mamba2) directory that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Tensors keep the dtype of `params`. Everything is written into a temporary sibling directory and
     renamed into place at the end. Returns the output path.
     """
-    hf_config = config_to_hf(config, generation_config, _dtype_name(params))
+    ssm = mamba_hf.model_type_of(config) is not None  # an HF Mamba / Mamba2 model
+    to_hf = mamba_hf.config_to_hf if ssm else config_to_hf
+    hf_config = to_hf(config, generation_config, _dtype_name(params))
+    specs = mamba_hf.tensor_specs(config) if ssm else None
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        _write_shards(config, params, tmp, max_shard_bytes)
+        _write_shards(config, params, tmp, max_shard_bytes, specs)
         with open(tmp / "config.json", "w") as f:
             json.dump(hf_config, f, indent=2)
         if generation_config:

@@ -9,12 +9,15 @@ one more file here and one more entry in `REGISTRY` (see docs/adding_a_layer_kin
 from __future__ import annotations
 
 from jaxllama.config import KIND_FIELDS, ConfigError
-from jaxllama.mixers import attention, lambda_attention
+from jaxllama.mixers import attention, lambda_attention, mamba, mamba2
 from jaxllama.mixers.attention import Attention, AttentionLayerConfig, KVCache
 from jaxllama.mixers.lambda_attention import LambdaAttention, LambdaAttentionConfig, LambdaCache
+from jaxllama.mixers.mamba import MambaCache, MambaLayerConfig, MambaMixer
+from jaxllama.mixers.mamba2 import Mamba2Cache, Mamba2LayerConfig, Mamba2Mixer
 from jaxllama.mixers.spec import HFTensor, MixerSpec
 
-REGISTRY: dict[str, MixerSpec] = {s.kind: s for s in (attention.SPEC, lambda_attention.SPEC)}
+REGISTRY: dict[str, MixerSpec] = {s.kind: s for s in (attention.SPEC, lambda_attention.SPEC,
+                                                       mamba.SPEC, mamba2.SPEC)}
 
 for _spec in REGISTRY.values():  # the config's kind table and the specs must agree
     if KIND_FIELDS.get(_spec.kind) != _spec.config_field:
@@ -48,5 +51,6 @@ def check_model(cfg) -> None:
 
 
 __all__ = ["REGISTRY", "Attention", "AttentionLayerConfig", "HFTensor", "KVCache",
-           "LambdaAttention", "LambdaAttentionConfig", "LambdaCache", "MixerSpec", "check_model",
-           "spec_of"]
+           "LambdaAttention", "LambdaAttentionConfig", "LambdaCache", "Mamba2Cache",
+           "Mamba2LayerConfig", "Mamba2Mixer", "MambaCache", "MambaLayerConfig", "MambaMixer",
+           "MixerSpec", "check_model", "spec_of"]

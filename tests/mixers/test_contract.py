@@ -13,7 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllama.config import AttentionConfig, KernelConfig, LambdaConfig, ModelConfig
+from jaxllama.config import (
+    AttentionConfig,
+    KernelConfig,
+    LambdaConfig,
+    Mamba2Config,
+    MambaConfig,
+    ModelConfig,
+)
 from jaxllama.mixers import REGISTRY
 from jaxllama.model import Transformer, cache_logical_axes, init_cache
 from jaxllama.sharding import axes_shardings, batch_sharding, make_mesh, param_shardings, use_mesh
@@ -24,6 +31,8 @@ from jaxllama.training.step import abstract_params
 TINY = {
     "dense": {},
     "lambda": {"lambda_": LambdaConfig(global_tokens=2, window=5)},
+    "mamba": {"mamba": MambaConfig(state_size=4, n_groups=2)},
+    "mamba2": {"mamba2": Mamba2Config(head_dim=8, state_size=4, n_groups=2, chunk_size=4)},
 }
 BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 32, "max_position_embeddings": 64,
         "attention": AttentionConfig(num_heads=4, num_kv_heads=2)}
