@@ -123,8 +123,8 @@ def test_unknown_and_unbuilt_kinds_are_one_line_errors():
         ModelConfig(layer_pattern=("dense", "densse"))
     with pytest.raises(ConfigError, match=r"layer_pattern\[0\]: layer kind 'mamba' is not available"):
         ModelConfig(layer_pattern=("mamba",))
-    with pytest.raises(ConfigError, match=r"layer kind 'fot' is not registered"):
-        spec_of("fot")
+    with pytest.raises(ConfigError, match=r"layer kind 'mla' is not registered"):
+        spec_of("mla")
 
 
 def test_context_parallel_with_a_kind_that_cannot_is_a_config_error():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllama.config import AttentionConfig, KernelConfig, LambdaConfig, ModelConfig
+from jaxllama.config import AttentionConfig, FoTConfig, KernelConfig, LambdaConfig, ModelConfig
 from jaxllama.mixers import REGISTRY
 from jaxllama.model import Transformer, cache_logical_axes, init_cache
 from jaxllama.sharding import axes_shardings, batch_sharding, make_mesh, param_shardings, use_mesh
@@ -24,6 +24,9 @@ from jaxllama.training.step import abstract_params
 TINY = {
     "dense": {},
     "lambda": {"lambda_": LambdaConfig(global_tokens=2, window=5)},
+    # the prompt tail covers T: a full forward is one window, as chunked prefill is
+    "fot": {"fot": FoTConfig(last_context_length=16, mem_dtype="float32")},
+    "fot_local": {"fot": FoTConfig(last_context_length=16, mem_dtype="float32")},
 }
 BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 32, "max_position_embeddings": 64,
         "attention": AttentionConfig(num_heads=4, num_kv_heads=2)}
