@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-LayerKind = Literal["dense", "lambda", "fot", "mla", "mamba", "mamba2"]
+LayerKind = Literal["dense", "lambda", "fot", "fot_local", "mla", "mamba", "mamba2"]
 LAYER_KINDS: tuple[str, ...] = typing.get_args(LayerKind)
 DEFAULT_KIND: LayerKind = "dense"
 # The one table of kind names outside `jaxllama/mixers/` (the mixers import this module, so it
@@ -24,8 +24,9 @@ DEFAULT_KIND: LayerKind = "dense"
 # each built kind -> the `ModelConfig` field holding its own knobs (None: none beyond the model's).
 # The registry checks at import that every spec's `config_field` agrees; a kind of `LayerKind`
 # missing here is not built yet.
-KIND_FIELDS: dict[str, str | None] = {"dense": "attention", "lambda": "lambda_",
-                                      "mamba": "mamba", "mamba2": "mamba2"}
+KIND_FIELDS: dict[str, str | None] = {"dense": "attention", "lambda": "lambda_", "fot": "fot",
+                                      "fot_local": "fot", "mamba": "mamba",
+                                      "mamba2": "mamba2"}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLEMENTATIONS = ("auto", "xla", "pallas_interpret", "pallas_gpu", "pallas_tpu")
@@ -198,9 +199,40 @@ class Mamba2Config:
         return self.num_heads or self.expand * hidden_size // self.head_dim
 
 
+@dataclass(frozen=True)
+class FoTConfig:
+    """Focused Transformer memory layers (LongLLaMA, METHODS section 7), read by `fot` (memory)
+    and `fot_local` (LongLLaMA's other layers) layers. The local window is the model's
+    `max_position_embeddings`. `mem_attention_grouping` (heads, queries) is the reference's loop
+    split, which changes no result: accepted and unused. `torch_attention` and
+    `gradient_checkpoint_every_ith` are the reference's runtime switches, kept only so a LongLLaMA
+    config.json is written back as it was read."""
+
+    last_context_length: int = 1024  # the tail of a prompt kept out of memory (local cache)
+    mem_positionals: bool = True  # memory layers use RoPE (memory keys as if at position 0)
+    mem_dtype: str = "bfloat16"  # memory keys and values are stored in this dtype
+    mem_attention_grouping: tuple[int, ...] | None = None
+    torch_attention: bool = False
+    gradient_checkpoint_every_ith: int = 1
+
+    def __post_init__(self):
+        _check(self.last_context_length >= 1, "fot.last_context_length", "must be >= 1")
+        _check(self.mem_dtype in DTYPES, "fot.mem_dtype",
+               f"{self.mem_dtype!r} is not one of {DTYPES}")
+        g = self.mem_attention_grouping
+        _check(g is None or (len(g) == 2 and min(g) > 0), "fot.mem_attention_grouping",
+               f"must be null or two positive integers (heads, queries), got {g}")
+
+    @classmethod
+    def for_context(cls, n: int) -> FoTConfig:
+        """Defaults for a `fot` pattern given without a `fot` section: LongLLaMA's ratio of tail
+        to window (1024 of 2048), at most 1024."""
+        return cls(last_context_length=max(1, min(1024, n // 2)))
+
+
 # Sub-config fields that a layer pattern may leave out: built from the model's trained context
 # (`max_position_embeddings`) when a config is read from a mapping (YAML, overrides, checkpoints).
-CONTEXT_DEFAULTS = {"lambda_": LambdaConfig.for_context}
+CONTEXT_DEFAULTS = {"lambda_": LambdaConfig.for_context, "fot": FoTConfig.for_context}
 
 
 @dataclass(frozen=True)
@@ -244,6 +276,7 @@ class ModelConfig:
     lambda_: LambdaConfig | None = None
     mamba: MambaConfig | None = None
     mamba2: Mamba2Config | None = None
+    fot: FoTConfig | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # compute dtype

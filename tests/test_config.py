@@ -128,8 +128,8 @@ def test_unknown_and_unbuilt_kinds_are_one_line_errors():
         with pytest.raises(ConfigError, match=rf"layer_pattern\[0\]: layer kind '{unbuilt[0]}' "
                                               "is not available"):
             ModelConfig(layer_pattern=(unbuilt[0],))
-    with pytest.raises(ConfigError, match=r"layer kind 'fot' is not registered"):
-        spec_of("fot")
+    with pytest.raises(ConfigError, match=r"layer kind 'rwkv' is not registered"):
+        spec_of("rwkv")
 
 
 def test_context_parallel_with_a_kind_that_cannot_is_a_config_error():

@@ -9,13 +9,16 @@ loads. Missing keys take
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
 from jaxllama.checkpoint.base import CheckpointError, check_hf_layout
 from jaxllama.config import DEFAULT_KIND, AttentionConfig, ConfigError, ModelConfig, RopeConfig
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+# model_type -> the module reading and writing that format (imported on use: it imports this one)
+OTHER_FORMATS = {"longllama": lambda: importlib.import_module("jaxllama.checkpoint.longllama")}
+SUPPORTED_MODEL_TYPES = ("llama", *OTHER_FORMATS)
 _SCALED_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
 
 
@@ -87,6 +90,8 @@ def config_from_hf(raw: dict, where: str) -> ModelConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: expected a JSON object")
     model_type = raw.get("model_type", "llama")
+    if model_type in OTHER_FORMATS:
+        return OTHER_FORMATS[model_type]().config_from_hf(raw, where)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
@@ -144,6 +149,8 @@ def config_to_hf(cfg: ModelConfig, generation_config: dict | None = None,
     """HF Llama config.json (4.x form) for `cfg`; a layer whose kind has no HF tensors is refused
     (lambda layers export as plain Llama layers: their weights are the same)."""
     check_hf_layout(cfg)
+    if cfg.fot is not None:  # a model with FoT layers is written as LongLLaMA
+        return OTHER_FORMATS["longllama"]().config_to_hf(cfg, generation_config, torch_dtype)
     a = cfg.attention
     gen = generation_config or {}
     eos = list(gen.get("eos_token_ids") or [])

@@ -46,6 +46,8 @@ class MixerSpec:
     - `hf_tensors(sub_cfg)`: the mixer's HF tensors of one layer (None: no HF layout).
     - `flops_per_token(sub_cfg, seq_len)`: forward FLOPs per token that are not products with
       parameters (attention scores and values, scans); the trainer adds 2 x params itself.
+    - `prefill_chunk(sub_cfg, n)`: the prefill chunk this kind needs for an n-token prompt (None:
+      the engine's own); a kind that windows a prompt itself (FoT) takes it whole, unpadded.
     """
 
     kind: str
@@ -60,6 +62,7 @@ class MixerSpec:
     cache_growth: Literal["linear", "constant"]
     hf_tensors: Callable[[Any], tuple[HFTensor, ...]] | None
     flops_per_token: Callable[[Any, int], float]
+    prefill_chunk: Callable[[Any, int], int] | None = None
 
     def config(self, model_cfg) -> Any:
         """The sub-config the mixer of this kind is built with."""

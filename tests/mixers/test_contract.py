@@ -15,6 +15,7 @@ import pytest
 
 from jaxllama.config import (
     AttentionConfig,
+    FoTConfig,
     KernelConfig,
     LambdaConfig,
     Mamba2Config,
@@ -33,6 +34,9 @@ TINY = {
     "lambda": {"lambda_": LambdaConfig(global_tokens=2, window=5)},
     "mamba": {"mamba": MambaConfig(state_size=4, n_groups=2)},
     "mamba2": {"mamba2": Mamba2Config(head_dim=8, state_size=4, n_groups=2, chunk_size=4)},
+    # the prompt tail covers T: a full forward is one window, as chunked prefill is
+    "fot": {"fot": FoTConfig(last_context_length=16, mem_dtype="float32")},
+    "fot_local": {"fot": FoTConfig(last_context_length=16, mem_dtype="float32")},
 }
 BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 32, "max_position_embeddings": 64,
         "attention": AttentionConfig(num_heads=4, num_kv_heads=2)}
