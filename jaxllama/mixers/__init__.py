@@ -9,12 +9,13 @@ one more file here and one more entry in `REGISTRY` (see docs/adding_a_layer_kin
 from __future__ import annotations
 
 from jaxllama.config import KIND_FIELDS, ConfigError
-from jaxllama.mixers import attention, lambda_attention
+from jaxllama.mixers import attention, lambda_attention, mla_attention
 from jaxllama.mixers.attention import Attention, AttentionLayerConfig, KVCache
 from jaxllama.mixers.lambda_attention import LambdaAttention, LambdaAttentionConfig, LambdaCache
 from jaxllama.mixers.spec import HFTensor, MixerSpec
 
-REGISTRY: dict[str, MixerSpec] = {s.kind: s for s in (attention.SPEC, lambda_attention.SPEC)}
+REGISTRY: dict[str, MixerSpec] = {s.kind: s for s in (attention.SPEC, lambda_attention.SPEC,
+                                                      mla_attention.SPEC)}
 
 for _spec in REGISTRY.values():  # the config's kind table and the specs must agree
     if KIND_FIELDS.get(_spec.kind) != _spec.config_field:

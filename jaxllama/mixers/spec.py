@@ -46,6 +46,10 @@ class MixerSpec:
     - `hf_tensors(sub_cfg)`: the mixer's HF tensors of one layer (None: no HF layout).
     - `flops_per_token(sub_cfg, seq_len)`: forward FLOPs per token that are not products with
       parameters (attention scores and values, scans); the trainer adds 2 x params itself.
+    - `decode_params(sub_cfg, mixer_params)`: the mixer's params plus what its decode step reads
+      in another form (MLA's absorbed W_UK / W_UV), built once by
+      `inference.decode.decode_weights`, not per step; leading (layer) axes pass through.
+      None: decode reads the params as they are.
     """
 
     kind: str
@@ -60,6 +64,7 @@ class MixerSpec:
     cache_growth: Literal["linear", "constant"]
     hf_tensors: Callable[[Any], tuple[HFTensor, ...]] | None
     flops_per_token: Callable[[Any, int], float]
+    decode_params: Callable[[Any, dict], dict] | None = None
 
     def config(self, model_cfg) -> Any:
         """The sub-config the mixer of this kind is built with."""

@@ -13,7 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllama.config import AttentionConfig, KernelConfig, LambdaConfig, ModelConfig
+from jaxllama.config import (
+    AttentionConfig,
+    KernelConfig,
+    LambdaConfig,
+    MLAConfig,
+    ModelConfig,
+    RopeConfig,
+)
 from jaxllama.mixers import REGISTRY
 from jaxllama.model import Transformer, cache_logical_axes, init_cache
 from jaxllama.sharding import axes_shardings, batch_sharding, make_mesh, param_shardings, use_mesh
@@ -24,6 +31,11 @@ from jaxllama.training.step import abstract_params
 TINY = {
     "dense": {},
     "lambda": {"lambda_": LambdaConfig(global_tokens=2, window=5)},
+    # Zebra-Llama-shaped: q latent, kv_b at GQA width (2 kv heads over 4 query heads), yarn
+    "mla": {"mla": MLAConfig(num_heads=4, num_kv_heads=2, q_lora_rank=16, kv_lora_rank=8,
+                             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                             rope=RopeConfig(type="yarn", factor=4.0,
+                                             original_max_position_embeddings=16))},
 }
 BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 32, "max_position_embeddings": 64,
         "attention": AttentionConfig(num_heads=4, num_kv_heads=2)}
