@@ -25,8 +25,8 @@ DEFAULT_KIND: LayerKind = "dense"
 # The registry checks at import that every spec's `config_field` agrees; a kind of `LayerKind`
 # missing here is not built yet.
 KIND_FIELDS: dict[str, str | None] = {"dense": "attention", "lambda": "lambda_", "fot": "fot",
-                                      "fot_local": "fot", "mamba": "mamba",
-                                      "mamba2": "mamba2"}
+                                      "fot_local": "fot", "mamba": "mamba", "mamba2": "mamba2",
+                                      "mla": "mla"}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 IMPLEMENTATIONS = ("auto", "xla", "pallas_interpret", "pallas_gpu", "pallas_tpu")
@@ -230,6 +230,51 @@ class FoTConfig:
         return cls(last_context_length=max(1, min(1024, n // 2)))
 
 
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention knobs (YAML `mla:`, METHODS section 8), read by `mla` layers.
+
+    DeepSeek-V2/V3 by default; Zebra-Llama's variant is configuration, not a fork:
+    `num_kv_heads` < `num_heads` gives a `kv_b_proj` at GQA width whose kv heads are repeated over
+    contiguous query-head groups, `q_a_layernorm` / `kv_a_layernorm` false are identities, and a
+    yarn `rope` without `mscale_all_dim` scales cos/sin by mscale with no softmax correction
+    (with `mscale_all_dim`, the softmax scale is multiplied by mscale(factor, mscale_all_dim)^2,
+    as DeepSeek does). `rope_interleave`: the rope dims rotate in adjacent pairs (2i, 2i+1), as
+    DeepSeek checkpoints lay them out; false is rotate-half."""
+
+    num_heads: int = 8  # N
+    num_kv_heads: int | None = None  # heads of kv_b_proj; None = num_heads (DeepSeek)
+    q_lora_rank: int | None = None  # None: a direct q_proj
+    kv_lora_rank: int = 64  # L
+    qk_nope_head_dim: int = 32  # H: the un-rotated part of a query/key head
+    qk_rope_head_dim: int = 16  # R: the rotated part, one key head shared by all query heads
+    v_head_dim: int = 32  # U
+    q_a_layernorm: bool = True
+    kv_a_layernorm: bool = True
+    norm_eps: float = 1e-6  # the two latent RMSNorms (transformers' DeepseekV3RMSNorm default)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    rope_interleave: bool = True
+    bias: bool = False  # attention_bias: q_a_proj / q_proj, kv_a_proj_with_mqa, o_proj
+    # one-token decode: `absorbed` (attention in latent space over the cache) or `expanded`
+    # (keys and values re-expanded from the whole cache each step; for comparison)
+    decode: str = "absorbed"
+
+    def __post_init__(self):
+        _check(self.decode in ("absorbed", "expanded"), "mla.decode",
+               f"{self.decode!r} is not one of absorbed, expanded")
+        for name in ("num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            _check(getattr(self, name) > 0, f"mla.{name}", "must be > 0")
+        _check(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+               "mla.qk_rope_head_dim", f"must be even and > 0, got {self.qk_rope_head_dim}")
+        _check(self.q_lora_rank is None or self.q_lora_rank > 0, "mla.q_lora_rank",
+               "must be > 0 (or null for a direct query projection)")
+        k = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        _check(k > 0 and self.num_heads % k == 0, "mla.num_kv_heads",
+               f"num_heads {self.num_heads} is not a multiple of num_kv_heads {k}")
+        _check(self.rope.partial_rotary_factor == 1.0, "mla.rope.partial_rotary_factor",
+               "must be 1 (the rope part has its own width, qk_rope_head_dim)")
+
+
 # Sub-config fields that a layer pattern may leave out: built from the model's trained context
 # (`max_position_embeddings`) when a config is read from a mapping (YAML, overrides, checkpoints).
 CONTEXT_DEFAULTS = {"lambda_": LambdaConfig.for_context, "fot": FoTConfig.for_context}
@@ -277,6 +322,7 @@ class ModelConfig:
     mamba: MambaConfig | None = None
     mamba2: Mamba2Config | None = None
     fot: FoTConfig | None = None
+    mla: MLAConfig | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # compute dtype

@@ -52,6 +52,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("norm", None),
     ("layers", None),
+    ("q_lora", None),  # MLA's query and kv latents (small; replicated)
+    ("kv_lora", None),
 )
 
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllama.config import ModelConfig
+from jaxllama.mixers import spec_of
 from jaxllama.model import Transformer, unstack, unstack_params
 
 
@@ -42,13 +43,16 @@ def decode_weights(cfg: ModelConfig, params: dict, dtype, layout: DecodeLayout) 
     """`params` (the model's stacked tree) re-laid for `layout` and cast to `dtype`.
 
     The stacked layout in the params' own dtype returns `params` itself: no second copy of the
-    weights. Otherwise one jitted pass writes the new tree (slices and casts fused)."""
+    weights. Otherwise one jitted pass writes the new tree (slices and casts fused). Kinds whose
+    spec has `decode_params` (MLA's absorbed W_UK / W_UV) get those weights added here, once."""
     dtype = jnp.dtype(dtype)
-    if not layout.unstacked and not layout.separate_head and all(
+    extra = any(spec_of(kind).decode_params is not None for kind in set(cfg.layer_pattern))
+    if not layout.unstacked and not layout.separate_head and not extra and all(
             a.dtype == dtype for a in jax.tree.leaves(params)):
         return params
 
     def relayout(p):
+        p = with_decode_params(cfg, p)
         if layout.unstacked:
             p = unstack_params(cfg, p, separate_head=layout.separate_head)
         elif layout.separate_head and "lm_head" not in p:
@@ -58,6 +62,21 @@ def decode_weights(cfg: ModelConfig, params: dict, dtype, layout: DecodeLayout) 
     return jax.jit(relayout)(params)
 
 
+def with_decode_params(cfg: ModelConfig, params: dict) -> dict:
+    """The stacked params with each run's mixer params passed through its kind's
+    `decode_params` (leading layer axis included); kinds without one are left as they are."""
+    out = dict(params)
+    for r, (kind, _) in enumerate(cfg.runs):
+        spec = spec_of(kind)
+        key = f"run_{r}"
+        if spec.decode_params is None or key not in out:
+            continue
+        block = dict(out[key]["block"])
+        block["mixer"] = spec.decode_params(spec.config(cfg), block["mixer"])
+        out[key] = {**out[key], "block": block}
+    return out
+
+
 def decode_caches(cfg: ModelConfig, cache: tuple, layout: DecodeLayout) -> tuple:
     """The model cache as prefill writes it (one stacked cache per run) in `layout`'s form: per
     layer when unstacked, unchanged otherwise. Called inside a jit that donates `cache`, so the
@@ -65,4 +84,4 @@ def decode_caches(cfg: ModelConfig, cache: tuple, layout: DecodeLayout) -> tuple
     return tuple(unstack(cfg, cache)) if layout.unstacked else cache
 
 
-__all__ = ["DecodeLayout", "decode_caches", "decode_weights"]
+__all__ = ["DecodeLayout", "decode_caches", "decode_weights", "with_decode_params"]

@@ -139,3 +139,17 @@ def apply_rope(x, cos, sin):
         return x * cos + rotate_half(x) * sin
     rot, rest = x[..., :r], x[..., r:]
     return jnp.concatenate([rot * cos + rotate_half(rot) * sin, rest], axis=-1)
+
+
+def apply_rope_interleaved(x, cos, sin):
+    """Rotate x [B T N R] in adjacent pairs (x[2i], x[2i+1]) by cos/sin [B T R] (the rotate-half
+    layout of `rope_cos_sin`: angle i at i and i + R/2): DeepSeek's layout, the complex product
+    (x[2i] + i x[2i+1]) e^{i pos theta_i}. The output stays interleaved, so a checkpoint's rows
+    are used as stored; only dot products of rotated vectors are ever read."""
+    half = cos.shape[-1] // 2
+    c = cos[:, :, None, :half].astype(x.dtype)  # [B T 1 R/2]
+    s = sin[:, :, None, :half].astype(x.dtype)
+    pairs = x.reshape(x.shape[:-1] + (half, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([even * c - odd * s, odd * c + even * s], axis=-1)
+    return out.reshape(x.shape)

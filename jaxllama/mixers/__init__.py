@@ -9,7 +9,7 @@ one more file here and one more entry in `REGISTRY` (see docs/adding_a_layer_kin
 from __future__ import annotations
 
 from jaxllama.config import KIND_FIELDS, ConfigError
-from jaxllama.mixers import attention, fot_attention, lambda_attention, mamba, mamba2
+from jaxllama.mixers import attention, fot_attention, lambda_attention, mamba, mamba2, mla_attention
 from jaxllama.mixers.attention import Attention, AttentionLayerConfig, KVCache
 from jaxllama.mixers.lambda_attention import LambdaAttention, LambdaAttentionConfig, LambdaCache
 from jaxllama.mixers.mamba import MambaCache, MambaLayerConfig, MambaMixer
@@ -17,8 +17,9 @@ from jaxllama.mixers.mamba2 import Mamba2Cache, Mamba2LayerConfig, Mamba2Mixer
 from jaxllama.mixers.spec import HFTensor, MixerSpec
 
 REGISTRY: dict[str, MixerSpec] = {s.kind: s for s in (attention.SPEC, lambda_attention.SPEC,
-                                                       fot_attention.SPEC, fot_attention.LOCAL_SPEC,
-                                                       mamba.SPEC, mamba2.SPEC)}
+                                                       fot_attention.SPEC,
+                                                       fot_attention.LOCAL_SPEC, mamba.SPEC,
+                                                       mamba2.SPEC, mla_attention.SPEC)}
 
 for _spec in REGISTRY.values():  # the config's kind table and the specs must agree
     if KIND_FIELDS.get(_spec.kind) != _spec.config_field:

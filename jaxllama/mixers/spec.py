@@ -48,6 +48,10 @@ class MixerSpec:
       parameters (attention scores and values, scans); the trainer adds 2 x params itself.
     - `prefill_chunk(sub_cfg, n)`: the prefill chunk this kind needs for an n-token prompt (None:
       the engine's own); a kind that windows a prompt itself (FoT) takes it whole, unpadded.
+    - `decode_params(sub_cfg, mixer_params)`: the mixer's params plus what its decode step reads
+      in another form (MLA's absorbed W_UK / W_UV), built once by
+      `inference.decode.decode_weights`, not per step; leading (layer) axes pass through.
+      None: decode reads the params as they are.
     """
 
     kind: str
@@ -63,6 +67,7 @@ class MixerSpec:
     hf_tensors: Callable[[Any], tuple[HFTensor, ...]] | None
     flops_per_token: Callable[[Any, int], float]
     prefill_chunk: Callable[[Any, int], int] | None = None
+    decode_params: Callable[[Any, dict], dict] | None = None
 
     def config(self, model_cfg) -> Any:
         """The sub-config the mixer of this kind is built with."""

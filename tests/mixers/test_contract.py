@@ -20,7 +20,9 @@ from jaxllama.config import (
     LambdaConfig,
     Mamba2Config,
     MambaConfig,
+    MLAConfig,
     ModelConfig,
+    RopeConfig,
 )
 from jaxllama.mixers import REGISTRY
 from jaxllama.model import Transformer, cache_logical_axes, init_cache
@@ -37,6 +39,11 @@ TINY = {
     # the prompt tail covers T: a full forward is one window, as chunked prefill is
     "fot": {"fot": FoTConfig(last_context_length=16, mem_dtype="float32")},
     "fot_local": {"fot": FoTConfig(last_context_length=16, mem_dtype="float32")},
+    # Zebra-Llama-shaped: q latent, kv_b at GQA width (2 kv heads over 4 query heads), yarn
+    "mla": {"mla": MLAConfig(num_heads=4, num_kv_heads=2, q_lora_rank=16, kv_lora_rank=8,
+                             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                             rope=RopeConfig(type="yarn", factor=4.0,
+                                             original_max_position_embeddings=16))},
 }
 BASE = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 32, "max_position_embeddings": 64,
         "attention": AttentionConfig(num_heads=4, num_kv_heads=2)}
