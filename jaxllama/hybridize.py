@@ -30,9 +30,11 @@ published Llama 3.x) the rounding changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -306,5 +308,207 @@ def hybridize(teacher: Mapping[str, np.ndarray], cfg: ModelConfig, plan: HybridP
     return layout, dict(hybrid_tensors(teacher, cfg, plan, layout))
 
 
-__all__ = ["SSM_CHOICES", "HybridPlan", "hybrid_tensors", "hybridize", "layout_for",
-           "plan_from_layout", "round_to_bf16", "svd_init_kv", "svd_init_q"]
+# ----------------------------------------------------------------------------- the CLI
+# `python -m jaxllama.convert hybridize ...` (convert.py hands the arguments here)
+
+LAYOUTS = Path(__file__).resolve().parents[1] / "configs" / "zebra" / "layouts.yaml"
+_PLAN_KEYS = ("mla_layers", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+              "v_head_dim", "rope_factor", "original_max_position_embeddings")
+
+
+def read_preset(name: str, path: Path = LAYOUTS) -> dict:
+    """A named Zebra-Llama layout of `configs/zebra/layouts.yaml` (or of the YAML file `name`)."""
+    from jaxllama.config import load_yaml
+    if name.endswith((".yaml", ".yml")):
+        path, name = Path(name), None
+    data = load_yaml(path)
+    if name is None:
+        if len(data) != 1:
+            raise CheckpointError(f"{path}: a preset file holds one layout, found {len(data)}")
+        name = next(iter(data))
+    if name not in data:
+        raise CheckpointError(f"--preset: {name!r} is not in {path} (known: "
+                              f"{', '.join(sorted(data))})")
+    entry = data[name]
+    unknown = sorted(set(entry) - set(_PLAN_KEYS) - {"base", "teacher"})
+    if unknown:
+        raise CheckpointError(f"{path}: {name}.{unknown[0]}: unknown key")
+    return {k: entry[k] for k in _PLAN_KEYS if k in entry}
+
+
+def _layers_arg(text: str) -> tuple[int, ...]:
+    import argparse
+    try:
+        layers = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}")
+    if len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"layer listed twice in {text!r}")
+    return layers
+
+
+def _rank_arg(text: str) -> int | None:
+    import argparse
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or none, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv=None):
+    from jaxllama.cli import CliParser
+    p = CliParser(prog="python -m jaxllama.convert hybridize",
+                  description="Turn an HF Llama into a Zebra-Llama MLA + SSM hybrid (reference "
+                              "format: config.json + hybrid_config.json + safetensors).")
+    p.add_argument("--input", default=None, help="the teacher: HF Llama directory or Hub id (a "
+                   ".gguf or orbax directory also works; default: the embedded SmolLM2)")
+    p.add_argument("--output", required=True, help="output directory (must be empty or absent)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--mla-layers", type=_layers_arg, metavar="0,4,8",
+                       help="layers that become MLA; every other layer becomes the SSM")
+    which.add_argument("--preset", help="a Zebra-Llama layout of configs/zebra/layouts.yaml "
+                       "(e.g. zebra-llama-1b-8mla-8m2) or a YAML file holding one; the flags "
+                       "below override its values")
+    p.add_argument("--q-lora-rank", type=_rank_arg, help="MLA query rank (none: plain q_proj)")
+    p.add_argument("--kv-lora-rank", type=int, help="MLA latent rank r_kv")
+    p.add_argument("--qk-nope-head-dim", type=int, help="default: head_dim / 2")
+    p.add_argument("--qk-rope-head-dim", type=int, help="default: head_dim / 2")
+    p.add_argument("--v-head-dim", type=int, help="default (and the only SVD-initialisable "
+                   "value): head_dim")
+    p.add_argument("--rope-factor", type=float, help="MLA YaRN factor (default 32)")
+    p.add_argument("--original-max-position-embeddings", type=int, help="MLA YaRN original "
+                   "context (default 8192)")
+    p.add_argument("--lora-layer-norm", action="store_true",
+                   help="RMSNorm on the q and kv latents (the reference's use_lora_layer_norm)")
+    p.add_argument("--full-kv-head", action="store_true",
+                   help="kv_b at full head count instead of GQA width (use_full_kv_head)")
+    p.add_argument("--ssm", choices=SSM_CHOICES, default=SSM_CHOICES[0],
+                   help="the non-MLA layers: mamba2 (Zebra-Llama) or mamba (Mamba-in-the-Llama's "
+                        "Mamba1 variant, MambaInLlama tensor names; not read by the Zebra code)")
+    p.add_argument("--mamba-d-state", type=int, default=16, help="--ssm mamba: state size N")
+    p.add_argument("--bf16-round", choices=("on", "off"), default="on",
+                   help="round the teacher to bfloat16 before the init, as the reference does "
+                        "(default on: it changes values only for a float32 or float16 teacher, "
+                        "where parity with the reference needs it; a bfloat16 teacher, like every "
+                        "published Llama 3.x, is unchanged)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the randomly drawn SSM tensors")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype written (the reference saves the dtype it ran in)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    args = p.parse_args(argv)
+    if args.preset is None and args.mla_layers and args.kv_lora_rank is None:
+        p.error("--kv-lora-rank is required with --mla-layers (or use --preset)")
+    if args.preset is None and args.mla_layers and "q_lora_rank" not in _given(argv):
+        p.error("--q-lora-rank is required with --mla-layers (a number, or none)")
+    return args
+
+
+def _given(argv) -> set[str]:
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    return {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def plan_from_args(args, cfg: ModelConfig, argv=None) -> HybridPlan:
+    """Preset values, then the flags given, then the defaults (nope = rope = head_dim / 2)."""
+    h = cfg.attention.head_dim_for(cfg.hidden_size)
+    kw: dict = read_preset(args.preset) if args.preset else {"mla_layers": args.mla_layers}
+    given = _given(argv)
+    for key in _PLAN_KEYS[1:]:
+        if key in given or key not in kw:
+            value = getattr(args, key)
+            if value is not None or key == "q_lora_rank":
+                kw[key] = value
+    kw.setdefault("qk_nope_head_dim", h // 2)
+    kw.setdefault("qk_rope_head_dim", h // 2)
+    kw["mla_layers"] = tuple(kw["mla_layers"])
+    if kw["mla_layers"] and kw.get("kv_lora_rank") is None:
+        raise CheckpointError("--kv-lora-rank is required")
+    kw.setdefault("kv_lora_rank", 0)
+    return HybridPlan(**kw, use_lora_layer_norm=args.lora_layer_norm,
+                      use_full_kv_head=args.full_kv_head, ssm=args.ssm,
+                      mamba_d_state=args.mamba_d_state, round_bf16=args.bf16_round == "on",
+                      seed=args.seed)
+
+
+class _LazyHF(Mapping):
+    """{HF name: array} read one tensor at a time from an HF directory's safetensors."""
+
+    def __init__(self, path: Path):
+        from jaxllama.checkpoint.zebra import ZebraTensors
+        self._t = ZebraTensors(path)
+
+    def __getitem__(self, name):
+        return self._t[name]
+
+    def __iter__(self):
+        return iter(self._t)
+
+    def __len__(self):
+        return len(self._t)
+
+
+def load_teacher(path: str | None):
+    """(ModelConfig, {HF name: array} mapping, config.json dict, generation_config.json dict,
+    tokenizer) of any checkpoint `load_checkpoint` reads; an HF directory streams."""
+    import json
+
+    from jaxllama.checkpoint import checkpoint_format, default_checkpoint, resolve_checkpoint
+    from jaxllama.checkpoint.hf_config import config_from_hf, config_to_hf, generation_to_hf
+    path = resolve_checkpoint(path) if path else default_checkpoint()
+    if checkpoint_format(path) == "hf":
+        from jaxllama.checkpoint.hf import load_tokenizer, read_json
+        p = Path(path)
+        raw = read_json(p / "config.json")
+        cfg = config_from_hf(raw, str(p / "config.json"))
+        gen_file = p / "generation_config.json"
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        return cfg, _LazyHF(p), raw, gen, load_tokenizer(p)
+    from jaxllama.checkpoint import load_checkpoint
+    from jaxllama.checkpoint.base import export_tensors
+    ck = load_checkpoint(path, "float32")
+    tensors = dict(export_tensors(ck.config, ck.params))
+    raw = config_to_hf(ck.config, ck.generation_config, "float32")
+    return ck.config, tensors, raw, generation_to_hf(ck.generation_config), ck.tokenizer
+
+
+def run(args, argv=None) -> str:
+    from tqdm.auto import tqdm
+
+    from jaxllama.checkpoint.zebra import write_zebra
+    cfg, teacher, raw, gen, tokenizer = load_teacher(args.input)
+    if any(k != cfg.layer_pattern[0] for k in cfg.layer_pattern):
+        raise CheckpointError("--input: the teacher must be a plain Llama (one layer kind)")
+    plan = plan_from_args(args, cfg, argv)
+    layout = layout_for(cfg, plan, raw)
+    dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.float32
+    tensors = ((n, a.astype(dtype)) for n, a in hybrid_tensors(teacher, cfg, plan, layout))
+    bar = tqdm(tensors, total=len(layout.tensor_shapes()), desc="hybridizing", unit="tensor",
+               disable=None)
+    raw = dict(layout.llama, torch_dtype=args.dtype)
+    layout = dataclasses.replace(layout, llama=raw)
+    return write_zebra(args.output, layout, bar, gen, tokenizer, overwrite=args.overwrite)
+
+
+def main(argv=None) -> int:
+    import sys
+    import time
+
+    from jaxllama.config import ConfigError
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        out = run(args, argv)
+    except (CheckpointError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    print(f"wrote the hybrid ({args.ssm}) to {out} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+__all__ = ["LAYOUTS", "SSM_CHOICES", "HybridPlan", "hybrid_tensors", "hybridize", "layout_for",
+           "main", "plan_from_layout", "read_preset", "round_to_bf16", "svd_init_kv", "svd_init_q"]
