@@ -76,6 +76,10 @@ def convert(args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["hybridize"]:  # Llama -> Zebra-Llama hybrid (jaxllama/hybridize.py)
+        from jaxllama.hybridize import main as hybridize_main
+        return hybridize_main(argv[1:])
     args = parse_args(argv)
     from jaxllama.checkpoint.base import CheckpointError
     start = time.perf_counter()
