@@ -39,11 +39,19 @@ class Kernels(NamedTuple):
 def _load_xla():
     from jaxllama.kernels.ssm_scan import heuristics, reference
 
+    # one step (decode) is the recurrence itself: no chunk padding, no associative scan
+    def ssd(x, dt, A, B, C, D, h0, seg, chunk):
+        if x.shape[1] == 1:
+            return reference.ssd_sequential(x, dt, A, B, C, D, h0, seg)
+        return reference.ssd_chunked(x, dt, A, B, C, D, h0, seg, chunk)
+
     def selective(u, delta, A, B, C, D, h0, seg):
+        if u.shape[1] == 1:
+            return reference.selective_sequential(u, delta, A, B, C, D, h0, seg)
         chunk = heuristics.reference_selective_chunk(u.shape[1])
         return reference.selective_chunked(u, delta, A, B, C, D, h0, seg, chunk)
 
-    return Kernels(reference.ssd_chunked, selective, heuristics.reference_ssd_chunk)
+    return Kernels(ssd, selective, heuristics.reference_ssd_chunk)
 
 
 def _load_gpu(interpret: bool):

@@ -36,6 +36,7 @@ class Case:
     initial: bool = True
     pallas_gpu: bool = False  # interpret mode is slow: each kernel class runs the marked cases
     pallas_tpu: bool = False
+    xla: bool = True  # False: a kernel-only case (its coverage is already in the xla cases)
     b: int = 2
     p: int = 4
     n: int = 8
@@ -47,18 +48,21 @@ SSD_CASES = [
     Case("g4_bf16", 21, 4, 4, chunk=16, dtype="bfloat16"),
     Case("packed_chunk8", 35, 2, 1, chunk=8, segments="packed"),
     # the TPU interpreter runs each grid program on its own: few (batch, head, chunk) programs
-    Case("tpu_g2_chunk8_channel_d", 13, 2, 2, chunk=8, d_shape="channel", b=1, pallas_tpu=True),
+    Case("tpu_g2_chunk8_channel_d", 13, 2, 2, chunk=8, d_shape="channel", b=1, pallas_tpu=True,
+         xla=False),
     Case("tpu_packed_bf16", 20, 2, 1, chunk=16, dtype="bfloat16", segments="packed",
-         pallas_tpu=True),
+         pallas_tpu=True, xla=False),
     Case("left_pad_bf16_no_d", 26, 4, 2, chunk=16, dtype="bfloat16", segments="left_pad",
          d_shape="none", pallas_gpu=True),
     Case("one_chunk_no_initial", 11, 2, 2, chunk=32, initial=False),
+    Case("decode_step", 1, 4, 2, chunk=16),
 ]
 SELECTIVE_CASES = [
     Case("ragged_g1", 37, 6, 1),
     Case("left_pad_g3_bf16_no_initial", 21, 6, 3, dtype="bfloat16", segments="left_pad",
          initial=False),
     Case("packed_g2", 30, 4, 2, segments="packed"),
+    Case("decode_step", 1, 4, 2),
 ]
 
 
@@ -160,7 +164,7 @@ class ScanKernelTest(KernelTestBase):
 class TestXla(ScanKernelTest):
     implementation = "xla"
 
-    @pytest.mark.parametrize("case", SSD_CASES, ids=lambda c: c.name)
+    @pytest.mark.parametrize("case", [c for c in SSD_CASES if c.xla], ids=lambda c: c.name)
     def test_ssd_matches_sequential(self, case):
         self.check("ssd", case)
 
