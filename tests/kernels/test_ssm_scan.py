@@ -198,6 +198,32 @@ class TestPallasTpuInterpreted(ScanKernelTest):
         self.check("ssd", case)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX_PLATFORMS=cuda)")
+class TestPallasGpuNative(ScanKernelTest):
+    """The Triton kernels compiled for the GPU, on a GPU only: every Mamba2 case."""
+
+    implementation = "pallas_gpu"
+    kernels = tuple(f"jaxllama_ssd_{k}_gpu" for k in SSD_KERNELS)
+
+    @pytest.mark.parametrize("case", [c for c in SSD_CASES if c.chunk >= 16], ids=lambda c: c.name)
+    def test_ssd_matches_sequential(self, case):
+        self.check("ssd", case)
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (JAX_PLATFORMS=tpu)")
+class TestPallasTpuNative(ScanKernelTest):
+    """The Mosaic kernels compiled for the TPU, on a TPU only: every Mamba2 case that fits one
+    chunk or uses 128-step chunks (the lane rule, pallas_tpu.py)."""
+
+    implementation = "pallas_tpu"
+    kernels = tuple(f"jaxllama_ssd_{k}_tpu" for k in SSD_KERNELS)
+
+    @pytest.mark.parametrize("case", [dataclasses.replace(c, chunk=128) for c in SSD_CASES],
+                             ids=lambda c: c.name)
+    def test_ssd_matches_sequential(self, case):
+        self.check("ssd", case)
+
+
 @pytest.mark.parametrize("platform,custom_call,suffix", [
     ("cuda", "__gpu$xla.gpu.triton", "gpu"), ("tpu", "tpu_custom_call", "tpu")])
 def test_kernels_lower_for_their_hardware(platform, custom_call, suffix):
