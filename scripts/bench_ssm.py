@@ -11,7 +11,8 @@ only in the interpreter, which times nothing useful).
   python scripts/bench_ssm.py                    # CPU: the same lengths, reduced layers (--help)
 
 Layer sizes, one layer's scan (batch 1): Mamba2-2.7B has d_model 2560, expand 2 (d_inner 5120),
-head dim 64 (80 heads), d_state 128, 1 group, chunk 256; Mamba-2.8B (Mamba1) d_inner 5120, d_state
+head dim 64 (80 heads), d_state 128, 1 group (its own chunk is 256; here each
+implementation's heuristic chunk unless --chunk is given); Mamba-2.8B (Mamba1) d_inner 5120, d_state
 16. The time covers the scan only (no projections, conv or norm). Each row: median of --iters runs
 after one warm-up call (compile excluded); forward+backward is jax.grad of sum(y) + sum(final
 state) with respect to every float input.
@@ -98,7 +99,8 @@ def parse_args(argv):
     p.add_argument("--head-dim", type=int, default=64 if native else 32)
     p.add_argument("--state", type=int, default=128 if native else 32, help="Mamba2 d_state")
     p.add_argument("--groups", type=int, default=1)
-    p.add_argument("--chunk", type=int, default=256 if native else 64, help="Mamba2 chunk")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="Mamba2 chunk (default: each implementation's heuristics.py choice)")
     p.add_argument("--d-inner", type=int, default=5120 if native else 256, help="Mamba1 width")
     p.add_argument("--mamba1-state", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16" if native else "float32",
@@ -110,7 +112,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     for name in ("batch", "heads", "head_dim", "state", "groups", "chunk", "d_inner",
                  "mamba1_state", "iters"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.seq) < 1:
         p.error(f"--seq lengths must be >= 1, got {args.seq}")
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     dev = jax.devices()[0]
     print(f"# {dev.platform} {dev.device_kind}, JAX {jax.__version__}, {args.dtype}, batch "
           f"{args.batch}; mamba2 H {args.heads} P {args.head_dim} N {args.state} G {args.groups} "
-          f"chunk {args.chunk}; mamba1 D {args.d_inner} N {args.mamba1_state}; median of "
+          f"chunk {args.chunk or 'auto'}; mamba1 D {args.d_inner} N {args.mamba1_state}; median of "
           f"{args.iters}")
     print("| kind | S | form | fwd ms | f+b ms |")
     print("|---|---|---|---|---|")
