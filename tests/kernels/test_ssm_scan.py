@@ -278,16 +278,37 @@ def test_segments_mean_separate_documents():
     assert np.all(np.asarray(y)[:, [0, 1, 14, 22, 23]] == 0)
 
 
-def test_chunked_ssd_any_chunk_size():
-    """Chunk sizes that divide, do not divide, and exceed the length give one answer."""
+def _continued(scan, xs, per_token, cut):
+    """scan of the first `cut` tokens, then of the rest from its final state (chunked prefill)."""
+    head = {k: v[:, :cut] if k in per_token else v for k, v in xs.items()}
+    tail = {k: v[:, cut:] if k in per_token else v for k, v in xs.items()}
+    y1, f1 = scan(**head)
+    y2, f2 = scan(**{**tail, "initial_state": f1})
+    return jnp.concatenate([y1, y2], axis=1), f2
+
+
+def test_chunked_ssd_any_chunk_size_and_continuation():
+    """Chunk sizes that divide, do not divide, and exceed the length give one answer; so does a
+    scan continued from the final state of its first part (chunked prefill), both forms."""
     xs, _ = _ssd_inputs(Case("chunks", 27, 4, 2), 5)
+    m1, _ = _selective_inputs(Case("chunks1", 27, 4, 2), 6)
     chunks = (1, 4, 9, 27, 64)
-    run = lambda xs: [reference.ssd_sequential(**xs)] + [
-        reference.ssd_chunked(**xs, chunk_size=c) for c in chunks]
-    (want, want_f), *got = compile_fast(run, xs)(xs)
-    for chunk, (y, f) in zip(chunks, got):
-        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
-        np.testing.assert_allclose(f, want_f, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
+    ssd = functools.partial(ssd_scan, chunk_size=4, implementation="xla")
+    sel = functools.partial(selective_scan, implementation="xla")
+
+    def run(xs, m1):
+        return ([reference.ssd_sequential(**xs)]
+                + [reference.ssd_chunked(**xs, chunk_size=c) for c in chunks]
+                + [_continued(ssd, xs, ("x", "dt", "B", "C"), 10),
+                   reference.selective_sequential(**m1),
+                   _continued(sel, m1, ("u", "delta", "B", "C"), 11)])
+
+    (want, want_f), *got, (w1, wf1), (g1, gf1) = compile_fast(run, xs, m1)(xs, m1)
+    for name, (y, f) in zip([*chunks, "continued"], got):
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"chunk {name}")
+        np.testing.assert_allclose(f, want_f, rtol=1e-5, atol=1e-5, err_msg=f"chunk {name}")
+    np.testing.assert_allclose(g1, w1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gf1, wf1, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_shapes_and_names_raise():
