@@ -2,7 +2,8 @@
 sequence lengths, Mamba2 (`ssd_scan`) and Mamba1 (`selective_scan`).
 
 Forms: `sequential` (reference.ssd_sequential / selective_sequential, the lax.scan specification),
-`chunked` (the `xla` implementation: chunked SSD, chunked associative scan), and `pallas` (the
+`chunked` (the chunked SSD, the `xla` implementation; the chunked associative scan, which `xla`
+runs for Mamba1 off CPU), and `pallas` (the
 platform's own kernels, `pallas_gpu` or `pallas_tpu`, Mamba2 only; skipped on CPU, where they run
 only in the interpreter, which times nothing useful).
 
@@ -28,8 +29,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxllama.kernels.ssm_scan import reference
-from jaxllama.kernels.ssm_scan.api import selective_scan, ssd_scan
+from jaxllama.kernels.ssm_scan import heuristics, reference
+from jaxllama.kernels.ssm_scan.api import ssd_scan
 
 FORMS = ("sequential", "chunked", "pallas")
 KINDS = ("mamba2", "mamba1")
@@ -68,7 +69,9 @@ def scan_fn(kind: str, form: str, args):
             lambda **a: reference.selective_sequential(**a))
     if kind == "mamba2":
         return lambda **a: ssd_scan(**a, chunk_size=args.chunk, implementation="xla")
-    return lambda **a: selective_scan(**a, implementation="xla")
+    # the chunked associative scan itself (`xla` runs the sequential form on CPU)
+    return lambda **a: reference.selective_chunked(
+        **a, chunk_size=heuristics.reference_selective_chunk(a["u"].shape[1]))
 
 
 def with_grad(fn):
