@@ -1,7 +1,8 @@
 """The only entry points for selective scans: `ssd_scan` (Mamba2) and `selective_scan` (Mamba1).
 
 Registers the op `ssm_scan` with `_dispatch` (`KernelConfig.ssm_scan` names its implementation):
-`xla` is the jnp reference (the chunked SSD for Mamba2, the chunked associative scan for Mamba1);
+`xla` is the jnp reference (the chunked SSD for Mamba2; for Mamba1 the chunked associative scan, or
+on CPU the sequential recurrence, which is faster there: heuristics.py);
 `pallas_interpret` runs the GPU kernel bodies in the Pallas interpreter (CPU tests); `pallas_gpu`
 and `pallas_tpu` are the Triton and Mosaic TPU kernels; `auto` picks `pallas_gpu` on GPUs,
 `pallas_tpu` on TPUs and `xla` elsewhere, logged once. A named implementation never falls back: it
@@ -39,11 +40,19 @@ class Kernels(NamedTuple):
 def _load_xla():
     from jaxllama.kernels.ssm_scan import heuristics, reference
 
+    # one step (decode) is the recurrence itself: no chunk padding, no associative scan
+    def ssd(x, dt, A, B, C, D, h0, seg, chunk):
+        if x.shape[1] == 1:
+            return reference.ssd_sequential(x, dt, A, B, C, D, h0, seg)
+        return reference.ssd_chunked(x, dt, A, B, C, D, h0, seg, chunk)
+
     def selective(u, delta, A, B, C, D, h0, seg):
+        if u.shape[1] == 1 or heuristics.reference_selective_sequential(_dispatch.platform()):
+            return reference.selective_sequential(u, delta, A, B, C, D, h0, seg)
         chunk = heuristics.reference_selective_chunk(u.shape[1])
         return reference.selective_chunked(u, delta, A, B, C, D, h0, seg, chunk)
 
-    return Kernels(reference.ssd_chunked, selective, heuristics.reference_ssd_chunk)
+    return Kernels(ssd, selective, heuristics.reference_ssd_chunk)
 
 
 def _load_gpu(interpret: bool):

@@ -34,6 +34,14 @@ def reference_selective_chunk(s: int) -> int:
     return min(REFERENCE_SELECTIVE_CHUNK, s)
 
 
+def reference_selective_sequential(platform: str) -> bool:
+    """Whether the `xla` Mamba1 scan runs the sequential recurrence rather than the chunked
+    associative scan. On a CPU the associative scan's log2(L) sweeps over [B L Dm N] cost more than
+    they parallelize (measured slower forward and backward: BENCHMARKS.md, selective scans);
+    elsewhere (a GPU/TPU without the kernel) its parallel depth pays."""
+    return platform == "cpu"
+
+
 def gpu_ssd_chunk(s: int) -> int:
     """A power of two of at least 16 (Triton tiles), at most `GPU_SSD_CHUNK`."""
     return min(GPU_SSD_CHUNK, _pow2_at_least(s, 16))

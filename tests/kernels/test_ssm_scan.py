@@ -36,6 +36,7 @@ class Case:
     initial: bool = True
     pallas_gpu: bool = False  # interpret mode is slow: each kernel class runs the marked cases
     pallas_tpu: bool = False
+    xla: bool = True  # False: a kernel-only case (its coverage is already in the xla cases)
     b: int = 2
     p: int = 4
     n: int = 8
@@ -47,18 +48,21 @@ SSD_CASES = [
     Case("g4_bf16", 21, 4, 4, chunk=16, dtype="bfloat16"),
     Case("packed_chunk8", 35, 2, 1, chunk=8, segments="packed"),
     # the TPU interpreter runs each grid program on its own: few (batch, head, chunk) programs
-    Case("tpu_g2_chunk8_channel_d", 13, 2, 2, chunk=8, d_shape="channel", b=1, pallas_tpu=True),
+    Case("tpu_g2_chunk8_channel_d", 13, 2, 2, chunk=8, d_shape="channel", b=1, pallas_tpu=True,
+         xla=False),
     Case("tpu_packed_bf16", 20, 2, 1, chunk=16, dtype="bfloat16", segments="packed",
-         pallas_tpu=True),
+         pallas_tpu=True, xla=False),
     Case("left_pad_bf16_no_d", 26, 4, 2, chunk=16, dtype="bfloat16", segments="left_pad",
          d_shape="none", pallas_gpu=True),
     Case("one_chunk_no_initial", 11, 2, 2, chunk=32, initial=False),
+    Case("decode_step", 1, 4, 2, chunk=16),
 ]
 SELECTIVE_CASES = [
     Case("ragged_g1", 37, 6, 1),
     Case("left_pad_g3_bf16_no_initial", 21, 6, 3, dtype="bfloat16", segments="left_pad",
          initial=False),
     Case("packed_g2", 30, 4, 2, segments="packed"),
+    Case("decode_step", 1, 4, 2),
 ]
 
 
@@ -142,7 +146,9 @@ class ScanKernelTest(KernelTestBase):
     def check(self, form: str, case: Case):
         inputs = _ssd_inputs if form == "ssd" else _selective_inputs
         xs, cts = inputs(case, seed=hash(case.name) % 1000)
-        if form == "ssd":
+        if form == "selective_chunked":  # the associative form (`xla` off CPU), chunk 8
+            fn, form = functools.partial(reference.selective_chunked, chunk_size=8), "selective"
+        elif form == "ssd":
             fn = functools.partial(ssd_scan, chunk_size=case.chunk,
                                    implementation=self.implementation)
         else:
@@ -160,13 +166,19 @@ class ScanKernelTest(KernelTestBase):
 class TestXla(ScanKernelTest):
     implementation = "xla"
 
-    @pytest.mark.parametrize("case", SSD_CASES, ids=lambda c: c.name)
+    @pytest.mark.parametrize("case", [c for c in SSD_CASES if c.xla], ids=lambda c: c.name)
     def test_ssd_matches_sequential(self, case):
         self.check("ssd", case)
 
-    @pytest.mark.parametrize("case", SELECTIVE_CASES, ids=lambda c: c.name)
+    # on CPU `xla` runs the sequential form itself: these check the api's plumbing (dtypes,
+    # segments, shapes); the chunked form has its own cases below
+    @pytest.mark.parametrize("case", SELECTIVE_CASES[:2], ids=lambda c: c.name)
     def test_selective_matches_sequential(self, case):
         self.check("selective", case)
+
+    @pytest.mark.parametrize("case", SELECTIVE_CASES, ids=lambda c: c.name)
+    def test_selective_chunked_matches_sequential(self, case):
+        self.check("selective_chunked", case)
 
 
 SSD_KERNELS = ("state_fwd", "state_bwd", "output_fwd", "output_bwd")
@@ -190,6 +202,32 @@ class TestPallasTpuInterpreted(ScanKernelTest):
     kernels = tuple(f"jaxllama_ssd_{k}_tpu" for k in SSD_KERNELS)
 
     @pytest.mark.parametrize("case", [c for c in SSD_CASES if c.pallas_tpu], ids=lambda c: c.name)
+    def test_ssd_matches_sequential(self, case):
+        self.check("ssd", case)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX_PLATFORMS=cuda)")
+class TestPallasGpuNative(ScanKernelTest):
+    """The Triton kernels compiled for the GPU, on a GPU only: every Mamba2 case."""
+
+    implementation = "pallas_gpu"
+    kernels = tuple(f"jaxllama_ssd_{k}_gpu" for k in SSD_KERNELS)
+
+    @pytest.mark.parametrize("case", [c for c in SSD_CASES if c.chunk >= 16], ids=lambda c: c.name)
+    def test_ssd_matches_sequential(self, case):
+        self.check("ssd", case)
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (JAX_PLATFORMS=tpu)")
+class TestPallasTpuNative(ScanKernelTest):
+    """The Mosaic kernels compiled for the TPU, on a TPU only: every Mamba2 case that fits one
+    chunk or uses 128-step chunks (the lane rule, pallas_tpu.py)."""
+
+    implementation = "pallas_tpu"
+    kernels = tuple(f"jaxllama_ssd_{k}_tpu" for k in SSD_KERNELS)
+
+    @pytest.mark.parametrize("case", [dataclasses.replace(c, chunk=128) for c in SSD_CASES],
+                             ids=lambda c: c.name)
     def test_ssd_matches_sequential(self, case):
         self.check("ssd", case)
 
@@ -248,16 +286,37 @@ def test_segments_mean_separate_documents():
     assert np.all(np.asarray(y)[:, [0, 1, 14, 22, 23]] == 0)
 
 
-def test_chunked_ssd_any_chunk_size():
-    """Chunk sizes that divide, do not divide, and exceed the length give one answer."""
+def _continued(scan, xs, per_token, cut):
+    """scan of the first `cut` tokens, then of the rest from its final state (chunked prefill)."""
+    head = {k: v[:, :cut] if k in per_token else v for k, v in xs.items()}
+    tail = {k: v[:, cut:] if k in per_token else v for k, v in xs.items()}
+    y1, f1 = scan(**head)
+    y2, f2 = scan(**{**tail, "initial_state": f1})
+    return jnp.concatenate([y1, y2], axis=1), f2
+
+
+def test_chunked_ssd_any_chunk_size_and_continuation():
+    """Chunk sizes that divide, do not divide, and exceed the length give one answer; so does a
+    scan continued from the final state of its first part (chunked prefill), both forms."""
     xs, _ = _ssd_inputs(Case("chunks", 27, 4, 2), 5)
+    m1, _ = _selective_inputs(Case("chunks1", 27, 4, 2), 6)
     chunks = (1, 4, 9, 27, 64)
-    run = lambda xs: [reference.ssd_sequential(**xs)] + [
-        reference.ssd_chunked(**xs, chunk_size=c) for c in chunks]
-    (want, want_f), *got = compile_fast(run, xs)(xs)
-    for chunk, (y, f) in zip(chunks, got):
-        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
-        np.testing.assert_allclose(f, want_f, rtol=1e-5, atol=1e-5, err_msg=f"chunk {chunk}")
+    ssd = functools.partial(ssd_scan, chunk_size=4, implementation="xla")
+    sel = functools.partial(selective_scan, implementation="xla")
+
+    def run(xs, m1):
+        return ([reference.ssd_sequential(**xs)]
+                + [reference.ssd_chunked(**xs, chunk_size=c) for c in chunks]
+                + [_continued(ssd, xs, ("x", "dt", "B", "C"), 10),
+                   reference.selective_sequential(**m1),
+                   _continued(sel, m1, ("u", "delta", "B", "C"), 11)])
+
+    (want, want_f), *got, (w1, wf1), (g1, gf1) = compile_fast(run, xs, m1)(xs, m1)
+    for name, (y, f) in zip([*chunks, "continued"], got):
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5, err_msg=f"chunk {name}")
+        np.testing.assert_allclose(f, want_f, rtol=1e-5, atol=1e-5, err_msg=f"chunk {name}")
+    np.testing.assert_allclose(g1, w1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gf1, wf1, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_shapes_and_names_raise():
