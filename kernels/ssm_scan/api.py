@@ -61,7 +61,10 @@ def _load_tpu():
                    heuristics.tpu_ssd_chunk)
 
 
-_dispatch.register("ssm_scan", auto={}, implementations={"xla": _load_xla})
+_dispatch.register(
+    "ssm_scan", auto={"gpu": "pallas_gpu", "tpu": "pallas_tpu"},
+    implementations={"xla": _load_xla, "pallas_interpret": _load_gpu(True),
+                     "pallas_gpu": _load_gpu(False), "pallas_tpu": _load_tpu})
 
 
 def _shape_error(fn: str, what: str, got, want: str):

@@ -240,3 +240,62 @@ def selective_chunked(u, delta, A, B, C, D=None, initial_state=None, segment_ids
     final, ys = lax.scan(chunk, h0, xs)
     y = jnp.moveaxis(ys, 0, 1).reshape(b, sp, dm)[:, :s] + _d_term(uf, D)
     return jnp.where(valid[..., None], y, 0.0).astype(u.dtype), final
+
+
+# ----------------------------------------------------------------------------- per-chunk block math
+# One (batch, head, chunk) tile of the chunk-local work, on 2-D float32 values, forward and its
+# hand-derived backward: what the Pallas kernels run per program (both backends), so the kernels
+# hold no algebra of their own. Columns are [L, 1], rows [1, L] (cum and run arrive in both
+# layouts, so no kernel transposes a vector).
+
+NT = (((1,), (1,)), ((), ()))  # a [R, K] x b [C, K] -> [R, C]
+TN = (((0,), (0,)), ((), ()))  # a [K, R] x b [K, C] -> [R, C]
+NN = (((1,), (0,)), ((), ()))  # a [R, K] x b [K, C] -> [R, C]
+
+
+def _dot(a, b, dims):
+    return lax.dot_general(a, b, dims, preferred_element_type=F32)
+
+
+def state_block(x, coef, B):
+    """S [P N] = sum_l coef_l x_l (outer) B_l from x [L P], coef [L 1], B [L N]."""
+    return _dot(coef * x, B, TN)
+
+
+def state_block_bwd(x, coef, B, dS):
+    """(dx [L P], dcoef [L 1], dB [L N]) of `state_block` under dS [P N]."""
+    dxw = _dot(B, dS, NT)  # [L P]
+    return coef * dxw, jnp.sum(x * dxw, axis=1, keepdims=True), _dot(coef * x, dS, NN)
+
+
+def _weights(cum_c, cum_r, run_c, run_r, B, C):
+    """(P = (C B^T) o decay mask [L L], the mask's decay M [L L])."""
+    L = cum_c.shape[0]
+    causal = (lax.broadcasted_iota(jnp.int32, (L, L), 0)
+              >= lax.broadcasted_iota(jnp.int32, (L, L), 1))
+    m = intra_mask(cum_c, cum_r, run_c, run_r, causal)
+    return _dot(C, B, NT) * m, m
+
+
+def output_block(x, dt, cum_c, cum_r, run_c, run_r, B, C, s, H):
+    """y [L P] = the intra-chunk term plus s_i C_i . H, from x [L P], dt, cum_c, run_c, s [L 1],
+    cum_r, run_r [1 L], B, C [L N], H [P N] (the state entering the chunk)."""
+    p, _ = _weights(cum_c, cum_r, run_c, run_r, B, C)
+    return _dot(p, dt * x, NN) + s * _dot(C, H, NT)
+
+
+def output_block_bwd(x, dt, cum_c, cum_r, run_c, run_r, B, C, s, H, dy):
+    """(dx, ddt, dcum_c, dcum_r, dB, dC, ds, dH) of `output_block` under dy [L P]. The mask's
+    decay exp(cum_i - cum_j) gives d cum_i = sum_j E_ij and d cum_j = -sum_i E_ij, E = dP o P."""
+    p, m = _weights(cum_c, cum_r, run_c, run_r, B, C)
+    z = dt * x
+    dz = _dot(p, dy, TN)  # [L P]
+    dp = _dot(dy, z, NT)  # [L L]
+    e = dp * p
+    dg = dp * m
+    dys = s * dy
+    ch = _dot(C, H, NT)  # [L P]
+    dC = _dot(dg, B, NN) + _dot(dys, H, NN)
+    return (dt * dz, jnp.sum(x * dz, axis=1, keepdims=True), jnp.sum(e, axis=1, keepdims=True),
+            -jnp.sum(e, axis=0, keepdims=True), _dot(dg, C, TN), dC,
+            jnp.sum(dy * ch, axis=1, keepdims=True), _dot(dys, C, TN))
