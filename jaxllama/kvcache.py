@@ -15,6 +15,10 @@ stacked cache is summed into its kind's row. Two splits of the same bytes are re
   (the shapes are evaluated at two lengths), e.g. a dense layer's [B S K H] keys; a sliding-window
   ring buffer or a recurrent state does not.
 
+A recurrent kind's floating leaves (its spec's padding is `state_reset`: the SSM state, float32
+whatever the cache dtype, and the conv window) are printed as "recurrent state", apart from the
+keys/values total, beside the sequence-growing bytes.
+
 With memory tokens E:M a context of N ordinary tokens is planned with floor(N / E) * M memory
 positions: the steady state of a conversation that keeps growing, where the M tokens follow each
 completed episode (`insert_memory_tokens` on a finished text omits the block after its last
@@ -34,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllama.config import DTYPES, ConfigError, ModelConfig, load_model_config
+from jaxllama.mixers import spec_of
 from jaxllama.model import init_cache
 
 
@@ -47,10 +52,16 @@ class KindPlan:
     kv_constant: int
     bookkeeping_growing: int  # integer leaves (segment ids per position, counters)
     bookkeeping_constant: int
+    recurrent: bool = False  # a recurrence (spec padding `state_reset`): its floats are state
 
     @property
     def kv_bytes(self) -> int:
         return self.kv_growing + self.kv_constant
+
+    @property
+    def state_bytes(self) -> int:
+        """Floating bytes of a recurrent kind (SSM state, conv window): constant in max_len."""
+        return self.kv_bytes if self.recurrent else 0
 
     @property
     def bookkeeping_bytes(self) -> int:
@@ -81,6 +92,10 @@ class CachePlan:
     @property
     def kv_bytes(self) -> int:
         return self._sum("kv_bytes")
+
+    @property
+    def state_bytes(self) -> int:
+        return self._sum("state_bytes")
 
     @property
     def bookkeeping_bytes(self) -> int:
@@ -139,7 +154,8 @@ def plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str | None = Non
             floating = bool(jnp.issubdtype(leaf.dtype, jnp.floating))
             counts[floating, leaf.shape != leaf_longer.shape] += _nbytes(leaf)
     kinds = tuple(KindPlan(kind, layers[kind], kv_growing=c[True, True], kv_constant=c[True, False],
-                           bookkeeping_growing=c[False, True], bookkeeping_constant=c[False, False])
+                           bookkeeping_growing=c[False, True], bookkeeping_constant=c[False, False],
+                           recurrent=spec_of(kind).padding == "state_reset")
                   for kind, c in split.items())
     return CachePlan(positions, extra, kinds)
 
@@ -161,7 +177,11 @@ def format_plan(cfg: ModelConfig, p: CachePlan, seq_len: int, batch: int, dtype:
     for k in p.kinds:
         lines.append(f"{k.kind:<8}{k.layers:>7}{k.kv_bytes // k.layers:>16,}{k.kv_bytes:>16,}"
                      f"{k.growing_bytes:>16,}{k.constant_bytes:>16,}")
-    lines.append(f"total keys/values: {_gb(p.kv_bytes)} ({p.kv_bytes / 2**30:.3f} GiB)")
+    kv = p.kv_bytes - p.state_bytes
+    lines.append(f"total keys/values: {_gb(kv)} ({kv / 2**30:.3f} GiB)")
+    if any(k.recurrent for k in p.kinds):
+        lines.append(f"recurrent state (SSM states, conv windows; constant in the context): "
+                     f"{_gb(p.state_bytes)}")
     lines.append(f"bookkeeping (segment ids, lengths): {p.bookkeeping_bytes:,} B; "
                  f"allocated in all: {p.total_bytes:,} B")
     lines.append(f"whole cache, sequence-growing: {_gb(p.growing_bytes)}; "
@@ -184,6 +204,7 @@ def load_config(path: str, overrides: list[str]) -> ModelConfig:
     """A model preset YAML, or an HF checkpoint directory (its config.json)."""
     p = Path(path)
     if p.is_dir():
+        from jaxllama.checkpoint import mamba_hf
         from jaxllama.checkpoint.base import with_overrides
         from jaxllama.checkpoint.hf_config import config_from_hf
         cfg_file = p / "config.json"
@@ -193,7 +214,8 @@ def load_config(path: str, overrides: list[str]) -> ModelConfig:
             raw = json.loads(cfg_file.read_text())
         except json.JSONDecodeError:
             raise ConfigError(f"{cfg_file}: not valid JSON") from None
-        return with_overrides(config_from_hf(raw, str(cfg_file)), overrides, str(p))
+        from_hf = mamba_hf.config_from_hf if mamba_hf.is_mamba_config(raw) else config_from_hf
+        return with_overrides(from_hf(raw, str(cfg_file)), overrides, str(p))
     return load_model_config(p, overrides)
 
 

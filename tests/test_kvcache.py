@@ -8,7 +8,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxllama.config import AttentionConfig, LambdaConfig, ModelConfig, load_model_config
+from jaxllama.config import (
+    AttentionConfig,
+    LambdaConfig,
+    Mamba2Config,
+    ModelConfig,
+    load_model_config,
+)
 from jaxllama.kvcache import main, plan
 from jaxllama.model import Transformer, init_cache
 
@@ -193,3 +199,34 @@ def test_cli_errors(args, needle, capsys):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in captured.err, captured.err
+
+
+def test_ssm_state_is_constant_bytes_beside_the_growing_cache(capsys):
+    """dense*2 + mamba2*3 (h 8, P 16, Z 32, conv over 2 x 64 + 2 x 2 x 32 channels, W 4), batch
+    2, bfloat16 cache: the Mamba2 layers hold [B 3 C] bfloat16 conv windows and [B h P Z]
+    float32 states at any context; only the dense layers grow."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=0,
+                      layer_pattern=("dense",) * 2 + ("mamba2",) * 3,
+                      attention=AttentionConfig(num_heads=4, num_kv_heads=2),
+                      mamba2=Mamba2Config(head_dim=16, state_size=32, n_groups=2))
+    short, long = plan(cfg, 2048, batch=2, dtype="bfloat16"), plan(cfg, 32768, 2, "bfloat16")
+    for p in (short, long):
+        ssm = {k.kind: k for k in p.kinds}["mamba2"]
+        assert ssm.recurrent and ssm.growing_bytes == 0
+        state = 3 * (2 * 3 * (128 + 2 * 2 * 32) * 2 + 2 * 8 * 16 * 32 * 4)
+        assert ssm.state_bytes == ssm.kv_constant == state == p.state_bytes
+        assert ssm.bookkeeping_constant == 3 * (2 * 3 * 4 + 2 * 4)
+    assert long.growing_bytes == 16 * short.growing_bytes > 0
+    assert long.constant_bytes == short.constant_bytes
+
+
+def test_cli_reads_an_hf_mamba2_directory(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "mamba2", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, '
+        '"num_heads": 4, "head_dim": 16, "state_size": 8, "n_groups": 1}')
+    assert main(["--config", str(tmp_path), "--seq-len", "32768"]) == 0
+    out = capsys.readouterr().out
+    # float32 cache: 2 layers x (3 x (64 + 2 x 8) conv + 4 x 16 x 8 state) x 4 bytes
+    state = 2 * (3 * 80 + 4 * 16 * 8) * 4
+    assert f"recurrent state (SSM states, conv windows; constant in the context): {state:,} B" \
+        in out and "sequence-growing: 0 B" in out, out

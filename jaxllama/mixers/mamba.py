@@ -27,12 +27,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from jaxllama.config import ConfigError, KernelConfig, MambaConfig, ModelConfig
 from jaxllama.kernels.ssm_scan.api import selective_scan
 from jaxllama.layers.basic import Linear
 from jaxllama.mixers.spec import HFTensor, MixerSpec
+from jaxllama.parallel.ssm_sequence import conv_halo, sequence_selective_scan
+from jaxllama.sharding import logical_to_mesh_spec, mesh_axis_size
 from jaxllama.typing import Hidden, Positions, SegmentIds
+
+SEQ_AXIS = "seq"
 
 
 @dataclass(frozen=True)
@@ -77,12 +82,81 @@ def segment_state(last: jax.Array, segment_ids: jax.Array):
     return reset, jnp.where(any_real, final, last).astype(jnp.int32)
 
 
+def causal_conv(x, window, window_ids, segment_ids, kernel, bias):
+    """Depthwise causal conv of new inputs x [B T C] after `window` [B W-1 C], the W-1 previous
+    inputs, with their ids `window_ids` [B W-1]: kernel [W C] (tap W-1 reads the current token),
+    bias [C] or None. With `segment_ids` None every tap is read (training without packing);
+    otherwise tap j reads its input only when its id equals the token's nonzero id. Returns the
+    pre-activation output [B T C] float32 and the new window and ids (the last W-1 inputs)."""
+    w, t = kernel.shape[0], x.shape[1]
+    kernel = kernel.astype(jnp.float32)
+    full = jnp.concatenate([window.astype(x.dtype), x], axis=1)  # [B W-1+T C]
+    ids = None if segment_ids is None else jnp.concatenate([window_ids, segment_ids], axis=1)
+    out = jnp.zeros(x.shape, jnp.float32)
+    for j in range(w):
+        tap = full[:, j:j + t].astype(jnp.float32)
+        if ids is not None:
+            keep = (ids[:, j:j + t] == segment_ids) & (segment_ids != 0)
+            tap = jnp.where(keep[..., None], tap, 0.0)
+        out = out + tap * kernel[j]
+    if bias is not None:
+        out = out + bias.astype(jnp.float32)
+    return out, full[:, t:], None if ids is None else ids[:, t:]
+
+
+def sequence_parallel(kernels: KernelConfig, cache) -> bool:
+    """A training pass (no cache) with the sequence sharded over a `seq` axis of size > 1: the
+    layout is zigzag (device r holds chunks r and 2W-1-r, as the data pipeline lays out every
+    context-parallel batch), whichever attention mode (`ring`, `allgather`) the model runs."""
+    return cache is None and kernels.context_parallel != "none" and mesh_axis_size(SEQ_AXIS) > 1
+
+
+def seq_shard_map(fn, sharded, replicated):
+    """fn(*sharded, *replicated) inside shard_map over the current mesh: `sharded` arrays
+    [B T ...] (None passes through) split over batch (data, fsdp) and `seq`, `replicated` whole
+    on every device; fn returns one [B T ...] array, sharded the same way."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = logical_to_mesh_spec(("batch",), (sharded[0].shape[0],), mesh)[0]
+    present = [i for i, a in enumerate(sharded) if a is not None]
+
+    def local(*args):
+        full = [None] * len(sharded)
+        for i, a in zip(present, args[:len(present)]):
+            full[i] = a
+        return fn(*full, *args[len(present):])
+
+    specs = (P(batch, SEQ_AXIS),) * len(present) + (P(),) * len(replicated)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(batch, SEQ_AXIS),
+                         check_vma=False)(*[sharded[i] for i in present], *replicated)
+
+
+def sharded_conv(x, segment_ids, kernel, bias):
+    """`causal_conv` of a training pass whose sequence is sharded over `seq` (zigzag): each of a
+    device's two pieces reads the W-1 inputs before it from the device holding the previous
+    piece (`conv_halo`; zeros and id 0 before the sequence start). x [B T C] -> [B T C]."""
+    halo = kernel.shape[0] - 1
+    if segment_ids is None:
+        segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+
+    def local(x, seg, kernel, bias):
+        half = x.shape[1] // 2
+        if halo:
+            win = conv_halo(x, halo, axis_name=SEQ_AXIS, layout="zigzag")  # [B 2 W-1 C]
+            ids = conv_halo(seg, halo, axis_name=SEQ_AXIS, layout="zigzag")  # [B 2 W-1]
+        else:
+            win, ids = x[:, None, :0].repeat(2, 1), seg[:, None, :0].repeat(2, 1)
+        outs = [causal_conv(x[:, i * half:(i + 1) * half], win[:, i], ids[:, i],
+                            seg[:, i * half:(i + 1) * half], kernel, bias)[0] for i in range(2)]
+        return jnp.concatenate(outs, axis=1)
+
+    if bias is None:
+        return seq_shard_map(lambda x, s, k: local(x, s, k, None), [x, segment_ids], [kernel])
+    return seq_shard_map(local, [x, segment_ids], [kernel, bias])
+
+
 class CausalConv(nn.Module):
-    """Depthwise causal conv over channels C: kernel [W C] (tap W-1 reads the current token),
-    bias [C]. Called on new inputs x [B T C] after a window of the W-1 previous inputs with
-    their segment ids; returns the pre-activation output [B T C] in float32 and the new window
-    (the last W-1 inputs). With `segment_ids` None every tap is read (training without
-    packing); otherwise tap j reads its input only when its id equals the token's nonzero id."""
+    """The conv's parameters (HF `conv1d`: kernel [W C], bias [C]) applied by `causal_conv`, or
+    by `sharded_conv` when `sharded` (a sequence-parallel training pass; no window returned)."""
 
     channels: int
     width: int
@@ -91,31 +165,19 @@ class CausalConv(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, window, window_ids, segment_ids):
+    def __call__(self, x, window, window_ids, segment_ids, sharded: bool = False):
         w, c = self.width, self.channels
         bound = 1.0 / math.sqrt(w)  # torch's Conv1d default for a depthwise kernel
         init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
         kernel = self.param("kernel", nn.with_logical_partitioning(init, ("conv_width", "ssm_conv")),
-                            (w, c), self.param_dtype).astype(jnp.float32)
-        t = x.shape[1]
-        full = jnp.concatenate([window.astype(x.dtype), x], axis=1)  # [B W-1+T C]
-        out = jnp.zeros(x.shape, jnp.float32)
-        if segment_ids is None:
-            ids = None
-        else:
-            ids = jnp.concatenate([window_ids, segment_ids], axis=1)  # [B W-1+T]
-        for j in range(w):
-            tap = full[:, j:j + t].astype(jnp.float32)
-            if ids is not None:
-                keep = (ids[:, j:j + t] == segment_ids) & (segment_ids != 0)
-                tap = jnp.where(keep[..., None], tap, 0.0)
-            out = out + tap * kernel[j]
+                            (w, c), self.param_dtype)
+        bias = None
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(init, ("ssm_conv",)), (c,),
                               self.param_dtype)
-            out = out + bias.astype(jnp.float32)
-        new_ids = None if ids is None else ids[:, t:]
-        return out, full[:, t:], new_ids
+        if sharded:
+            return sharded_conv(x, segment_ids, kernel, bias), None, None
+        return causal_conv(x, window, window_ids, segment_ids, kernel, bias)
 
 
 def inverse_softplus_dt(key, shape, dtype, lo=1e-3, hi=0.1, floor=1e-4):
@@ -216,9 +278,10 @@ class MambaMixer(nn.Module):
         xz = Linear((d,), (2, e), ("embed", "ssm_split", "ssm_inner"), use_bias=m.use_bias,
                     name="in_proj", **kw)(x)  # [B T D] -> [B T 2 E]
         xs, z = xz[:, :, 0], xz[:, :, 1]
+        sharded = sequence_parallel(self.kernels, cache)
         window, window_ids, conv_ids = conv_window(cache, xs, segment_ids, m.conv_kernel)
         conv, window, window_ids = CausalConv(e, m.conv_kernel, m.use_conv_bias, name="conv1d",
-                                              **kw)(xs, window, window_ids, conv_ids)
+                                              **kw)(xs, window, window_ids, conv_ids, sharded)
         u = nn.silu(conv).astype(self.dtype)  # [B T E]
         proj = Linear((e,), (r + 2 * g * n,), ("ssm_inner", "ssm_proj"), name="x_proj", **kw)(u)
         dt_low, bmat, cmat = jnp.split(proj, [r, r + g * n], axis=-1)
@@ -231,9 +294,14 @@ class MambaMixer(nn.Module):
                            (e,), self.param_dtype)
         a = -jnp.exp(a_log.astype(jnp.float32))  # [E Z]
         bmat, cmat = bmat.reshape(b, t, g, n), cmat.reshape(b, t, g, n)
-        if cache is None:
+        impl = self.kernels.ssm_scan
+        if sharded:  # local scans from zero, shard states combined, outputs corrected
+            y = seq_shard_map(lambda u, dl, bm, cm, seg, a, dk: sequence_selective_scan(
+                u, dl, a, bm, cm, D=dk, segment_ids=seg, axis_name=SEQ_AXIS, layout="zigzag",
+                implementation=impl)[0], [u, delta, bmat, cmat, segment_ids], [a, dskip])
+        elif cache is None:
             y, _ = selective_scan(u, delta, a, bmat, cmat, D=dskip, segment_ids=segment_ids,
-                                  implementation=self.kernels.ssm_scan)
+                                  implementation=impl)
         else:
             reset, last = segment_state(cache.segment, segment_ids)
             state = jnp.where(reset[:, None, None], 0.0, cache.ssm)
@@ -241,8 +309,7 @@ class MambaMixer(nn.Module):
                 y, state = recurrence_step(u, delta, a, bmat, cmat, dskip, state, segment_ids)
             else:
                 y, state = selective_scan(u, delta, a, bmat, cmat, D=dskip, initial_state=state,
-                                          segment_ids=segment_ids,
-                                          implementation=self.kernels.ssm_scan)
+                                          segment_ids=segment_ids, implementation=impl)
             cache = MambaCache(conv=window.astype(cache.conv.dtype), conv_segment_ids=window_ids,
                                ssm=state, segment=last)
         y = (y.astype(jnp.float32) * nn.silu(z.astype(jnp.float32))).astype(self.dtype)
@@ -311,7 +378,7 @@ SPEC = MixerSpec(
     config_cls=MambaLayerConfig,
     config_field="mamba",
     context_limited=False,  # no positions: a recurrence over any length
-    context_parallel=(),
+    context_parallel=("ring", "allgather"),  # either mode: the zigzag-sharded sequence scan
     uses_rope=False,
     padding="state_reset",
     cache_growth="constant",
@@ -319,5 +386,6 @@ SPEC = MixerSpec(
     flops_per_token=flops_per_token,
 )
 
-__all__ = ["SPEC", "CausalConv", "MambaCache", "MambaConfig", "MambaLayerConfig", "MambaMixer",
-           "conv_window", "hf_tensors", "inverse_softplus_dt", "segment_state"]
+__all__ = ["SEQ_AXIS", "SPEC", "CausalConv", "MambaCache", "MambaConfig", "MambaLayerConfig",
+           "MambaMixer", "causal_conv", "conv_window", "hf_tensors", "inverse_softplus_dt",
+           "segment_state", "seq_shard_map", "sequence_parallel", "sharded_conv"]

@@ -29,8 +29,17 @@ from flax import struct
 from jaxllama.config import ConfigError, KernelConfig, Mamba2Config, ModelConfig
 from jaxllama.kernels.ssm_scan.api import ssd_scan
 from jaxllama.layers.basic import Linear
-from jaxllama.mixers.mamba import CausalConv, conv_window, inverse_softplus_dt, segment_state
+from jaxllama.mixers.mamba import (
+    SEQ_AXIS,
+    CausalConv,
+    conv_window,
+    inverse_softplus_dt,
+    segment_state,
+    seq_shard_map,
+    sequence_parallel,
+)
 from jaxllama.mixers.spec import HFTensor, MixerSpec
+from jaxllama.parallel.ssm_sequence import sequence_ssd_scan
 from jaxllama.typing import Hidden, Positions, SegmentIds
 
 
@@ -172,10 +181,11 @@ class Mamba2Mixer(nn.Module):
         proj = Linear((c.hidden_size,), (c.proj_size,), ("embed", "ssm_proj"),
                       use_bias=m.use_bias, name="in_proj", **kw)(x)  # [B T D] -> [B T proj]
         z, xbc, dt = jnp.split(proj, [e, e + c.conv_channels], axis=-1)
+        sharded = sequence_parallel(self.kernels, cache)
         window, window_ids, conv_ids = conv_window(cache, xbc, segment_ids, m.conv_kernel)
         conv, window, window_ids = CausalConv(c.conv_channels, m.conv_kernel, m.use_conv_bias,
                                               name="conv1d", **kw)(xbc, window, window_ids,
-                                                                   conv_ids)
+                                                                   conv_ids, sharded)
         xbc = nn.silu(conv).astype(self.dtype)
         xs, bmat, cmat = jnp.split(xbc, [c.x_width, c.x_width + c.b_width], axis=-1)
         xs = xs.reshape(b, t, -1, p)  # [B T h P], or [B T k P] for Zebra
@@ -198,7 +208,12 @@ class Mamba2Mixer(nn.Module):
                            d_shape, self.param_dtype)
         a = -jnp.exp(a_log.astype(jnp.float32))  # [h]
         scan = {"D": dskip, "chunk_size": m.chunk_size, "implementation": self.kernels.ssm_scan}
-        if cache is None:
+        if sharded:  # local scans from zero, shard states combined, outputs corrected
+            y = seq_shard_map(lambda xs, dt, bm, cm, seg, a, dk: sequence_ssd_scan(
+                xs, dt, a, bm, cm, D=dk, segment_ids=seg, axis_name=SEQ_AXIS, layout="zigzag",
+                chunk_size=m.chunk_size, implementation=self.kernels.ssm_scan)[0],
+                [xs, dt, bmat, cmat, segment_ids], [a, dskip])
+        elif cache is None:
             y, _ = ssd_scan(xs, dt, a, bmat, cmat, segment_ids=segment_ids, **scan)
         else:
             reset, last = segment_state(cache.segment, segment_ids)
@@ -282,7 +297,7 @@ SPEC = MixerSpec(
     config_cls=Mamba2LayerConfig,
     config_field="mamba2",
     context_limited=False,  # no positions: a recurrence over any length
-    context_parallel=(),
+    context_parallel=("ring", "allgather"),  # either mode: the zigzag-sharded sequence scan
     uses_rope=False,
     padding="state_reset",
     cache_growth="constant",

@@ -125,11 +125,12 @@ def test_state_is_float32_under_bfloat16_compute(kind):
     x = jax.random.normal(jax.random.key(4), (1, 6, D))
     cache = spec.cache.init(sub, 1, 0, jnp.bfloat16)
     pos = jnp.zeros((1, 6), jnp.int32)
-    y, cache = module.apply({"params": params}, x.astype(jnp.bfloat16), pos, cache)
+    apply = jax.jit(lambda x, pos, cache: module.apply({"params": params}, x, pos, cache))
+    y, cache = apply(x.astype(jnp.bfloat16), pos, cache)
     assert cache.ssm.dtype == jnp.float32 and cache.conv.dtype == jnp.bfloat16
-    y1, cache = module.apply({"params": params}, x[:, :1].astype(jnp.bfloat16), pos[:, :1], cache)
+    y1, cache = apply(x[:, :1].astype(jnp.bfloat16), pos[:, :1], cache)
     assert cache.ssm.dtype == jnp.float32 and y.dtype == y1.dtype == jnp.bfloat16
     _, _, module32, _ = layer(kind)
-    want, _ = module32.apply({"params": params}, x, pos)
+    want, _ = jax.jit(module32.apply)({"params": params}, x, pos)
     err = np.abs(np.asarray(y, np.float32) - np.asarray(want)).max()
     assert err < 0.05 * np.abs(np.asarray(want)).max(), err
