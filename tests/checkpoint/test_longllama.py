@@ -67,7 +67,8 @@ def test_export_round_trip(tmp_path):
 def test_convert_cli_reads_and_writes_longllama(tmp_path):
     out = tmp_path / "conv"
     r = subprocess.run([sys.executable, "-m", "jaxllama.convert", "--input", str(FIXTURE),
-                        "--output", str(out), "--to", "hf"], capture_output=True, text=True)
+                        "--output", str(out), "--to", "hf"], capture_output=True, text=True,
+                       check=False)
     assert r.returncode == 0, r.stderr
     raw = json.loads((out / "config.json").read_text())
     assert raw["mem_layers"] == [1, 3] and raw["architectures"] == ["LongLlamaForCausalLM"]
