@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxllama.config import FoTConfig, ModelConfig
+from jaxllama.kernels._common import merge_partials
 from jaxllama.kernels.flash_attention.api import ALWAYS, ExtraColumns, Mask, attend
 from jaxllama.layers.basic import dtype_of
 from jaxllama.layers.rope import apply_rope
@@ -207,10 +208,38 @@ def _read(cfg: FoTAttentionConfig, impl: str, q, positions, seg, cache: FoTCache
         written = jnp.arange(m)[None] < jnp.minimum(cache.mem_length, m)
         extra = ExtraColumns(cache.mem_k.astype(q.dtype), cache.mem_v.astype(q.dtype), ALWAYS,
                              segment_ids=jnp.where(written, cache.mem_segment_ids, -1))
-    out = attend(q, keys, cache.v.astype(q.dtype), mask, extra=extra, implementation=impl)
+    top_k = cfg.fot.mem_top_k
+    if extra is not None and 0 < top_k < m:
+        out, lse = attend(q, keys, cache.v.astype(q.dtype), mask, implementation=impl,
+                          return_lse=True)
+        out = merge_partials(out, lse, *_top_k_memory(q, extra, seg, top_k))[0].astype(q.dtype)
+    else:
+        out = attend(q, keys, cache.v.astype(q.dtype), mask, extra=extra, implementation=impl)
     if cfg.memory:  # an overflowed memory lost entries: never a silent result
         out = jnp.where(cache.mem_length > m, jnp.nan, out)
     return out
+
+
+def _top_k_memory(q, mem: ExtraColumns, seg, k: int):
+    """Each query head over its k highest-scoring visible memory slots only (`fot.mem_top_k`):
+    (out [B T N H] float32, lse [B N T]) for `merge_partials` with the local window; exactly the
+    full memory read when k covers every visible slot. q [B T N H], memory k, v [B M K H]."""
+    b, t, n, h = q.shape
+    kh = mem.k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    # [B T K G H] x [B M K H] -> [B K G T M]
+    s = jnp.einsum("btkgh,bmkh->bkgtm", qg, mem.k, preferred_element_type=jnp.float32) * h**-0.5
+    ok = (seg[:, :, None] == mem.segment_ids[:, None, :])[:, None, None]  # [B 1 1 T M]
+    top, idx = jax.lax.top_k(jnp.where(ok, s, -jnp.inf), k)  # [B K G T k]
+    vt = jnp.moveaxis(mem.v, 2, 1)  # [B K M H]
+    vals = vt[jnp.arange(b)[:, None, None, None, None], jnp.arange(kh)[None, :, None, None, None],
+              idx]  # [B K G T k H]
+    lse = jax.nn.logsumexp(top, axis=-1)  # -inf where nothing is visible
+    p = jnp.where(jnp.isfinite(top), jnp.exp(top - jnp.where(jnp.isfinite(lse), lse, 0)[..., None]),
+                  0.0)
+    # [B K G T k] x [B K G T k H] -> [B T K G H]
+    out = jnp.einsum("bkgtj,bkgtjh->btkgh", p, vals.astype(jnp.float32))
+    return out.reshape(b, t, n, h), lse.reshape(b, n, t)
 
 
 def _piece(cfg: FoTAttentionConfig, impl: str, q, k, v, positions, seg, cache: FoTCache,

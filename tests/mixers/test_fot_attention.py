@@ -140,3 +140,19 @@ def test_cache_plan_memory_grows_and_the_window_does_not():
     h = raw["hidden_size"] // raw["num_attention_heads"]
     assert kinds["fot"].kv_growing == len(raw["mem_layers"]) * 2 * 4096 * raw[
         "num_attention_heads"] * h * 4
+
+
+def test_top_k_memory_read_is_exact_when_k_covers_the_memory(model):
+    """`mem_top_k` 9 reads the 9 written slots of a 15-slot memory through the top-k path: the
+    exact result; `mem_top_k` 2 drops memory slots: finite, and different."""
+    cfg, params, tokens, apply = model
+    positions = jnp.broadcast_to(jnp.arange(T), tokens.shape)
+    exact, _ = apply({"params": params}, tokens, positions, init_cache(cfg, 2, MAX_LEN))
+    got = {}
+    for k in (T - L, 2):
+        c = cfg.replace(fot=dataclasses.replace(cfg.fot, mem_top_k=k))
+        got[k], _ = jax.jit(Transformer(c).apply)({"params": params}, tokens, positions,
+                                                  init_cache(c, 2, MAX_LEN))
+    np.testing.assert_allclose(np.asarray(got[T - L]), np.asarray(exact), atol=1e-5, rtol=0)
+    assert np.isfinite(np.asarray(got[2])).all()
+    assert np.abs(np.asarray(got[2]) - np.asarray(exact)).max() > 1e-4
