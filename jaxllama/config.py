@@ -214,9 +214,17 @@ class FoTConfig:
     mem_attention_grouping: tuple[int, ...] | None = None
     torch_attention: bool = False
     gradient_checkpoint_every_ith: int = 1
+    # training only: a pass without cache reads, in each memory layer, the previous d rows of the
+    # batch (cross-batch, METHODS section 7); 0 = the reference's windowed forward
+    cross_batch_range: int = 0
+    # beyond the reference: each query head reads only its k highest-scoring memory slots (the
+    # Focused Transformer paper's kNN memory); 0 = the whole memory (exact)
+    mem_top_k: int = 0
 
     def __post_init__(self):
         _check(self.last_context_length >= 1, "fot.last_context_length", "must be >= 1")
+        _check(self.cross_batch_range >= 0, "fot.cross_batch_range", "must be >= 0")
+        _check(self.mem_top_k >= 0, "fot.mem_top_k", "must be >= 0")
         _check(self.mem_dtype in DTYPES, "fot.mem_dtype",
                f"{self.mem_dtype!r} is not one of {DTYPES}")
         g = self.mem_attention_grouping

@@ -288,6 +288,13 @@ class Engine:
         ctx = self.cfg.max_position_embeddings
         return ctx if max_len is None else min(ctx, max_len)
 
+    def chunk_for(self, longest: int) -> int:
+        """The prefill chunk for prompts of at most `longest` tokens: the engine's, unless a mixer
+        asks for its own (`MixerSpec.prefill_chunk`; FoT takes a prompt whole and unpadded)."""
+        asks = [s.prefill_chunk(s.config(self.cfg), longest) for s in
+                map(spec_of, dict.fromkeys(self.cfg.layer_pattern)) if s.prefill_chunk]
+        return min(asks, default=self.prefill_chunk)
+
     def _executable(self, name, fn, args, static=None):
         """`fn` compiled ahead of time for these argument shapes (arrays or ShapeDtypeStructs)
         and static arguments, so that timings never include compilation."""
@@ -322,7 +329,7 @@ class Engine:
             raise GenerationError(f"prompt has {longest} tokens but the context holds {context} "
                                   "(no room to generate)")
         new = min(max_new_tokens, context - longest)
-        bucket = prompt_bucket(longest, self.prefill_chunk, self.min_bucket)
+        bucket = prompt_bucket(longest, self.chunk_for(longest), self.min_bucket)
         slots = round_up(bucket + new, CACHE_ROUND)
         b = len(prompts)
         tokens = np.zeros((b, bucket), np.int32)
@@ -346,7 +353,7 @@ class Engine:
         tokens, positions, segment_ids, lengths, new, slots = self.prepare(
             prompts, max_new_tokens, max_len)
         b, bucket = tokens.shape
-        chunk = min(bucket, self.prefill_chunk)
+        chunk = min(bucket, self.chunk_for(int(lengths.max())))
         self._compile_seconds = 0.0
         cache = self._init_cache_fn(b, slots)
         chunks = [tuple(jnp.asarray(a[:, c:c + chunk]) for a in (tokens, positions, segment_ids))

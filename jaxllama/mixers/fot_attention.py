@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxllama.config import FoTConfig, ModelConfig
+from jaxllama.kernels._common import merge_partials
 from jaxllama.kernels.flash_attention.api import ALWAYS, ExtraColumns, Mask, attend
 from jaxllama.layers.basic import dtype_of
 from jaxllama.layers.rope import apply_rope
@@ -207,36 +208,65 @@ def _read(cfg: FoTAttentionConfig, impl: str, q, positions, seg, cache: FoTCache
         written = jnp.arange(m)[None] < jnp.minimum(cache.mem_length, m)
         extra = ExtraColumns(cache.mem_k.astype(q.dtype), cache.mem_v.astype(q.dtype), ALWAYS,
                              segment_ids=jnp.where(written, cache.mem_segment_ids, -1))
-    out = attend(q, keys, cache.v.astype(q.dtype), mask, extra=extra, implementation=impl)
+    top_k = cfg.fot.mem_top_k
+    if extra is not None and 0 < top_k < m:
+        out, lse = attend(q, keys, cache.v.astype(q.dtype), mask, implementation=impl,
+                          return_lse=True)
+        out = merge_partials(out, lse, *_top_k_memory(q, extra, seg, top_k))[0].astype(q.dtype)
+    else:
+        out = attend(q, keys, cache.v.astype(q.dtype), mask, extra=extra, implementation=impl)
     if cfg.memory:  # an overflowed memory lost entries: never a silent result
         out = jnp.where(cache.mem_length > m, jnp.nan, out)
     return out
 
 
+def _top_k_memory(q, mem: ExtraColumns, seg, k: int):
+    """Each query head over its k highest-scoring visible memory slots only (`fot.mem_top_k`):
+    (out [B T N H] float32, lse [B N T]) for `merge_partials` with the local window; exactly the
+    full memory read when k covers every visible slot. q [B T N H], memory k, v [B M K H]."""
+    b, t, n, h = q.shape
+    kh = mem.k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    # [B T K G H] x [B M K H] -> [B K G T M]
+    s = jnp.einsum("btkgh,bmkh->bkgtm", qg, mem.k, preferred_element_type=jnp.float32) * h**-0.5
+    ok = (seg[:, :, None] == mem.segment_ids[:, None, :])[:, None, None]  # [B 1 1 T M]
+    top, idx = jax.lax.top_k(jnp.where(ok, s, -jnp.inf), k)  # [B K G T k]
+    vt = jnp.moveaxis(mem.v, 2, 1)  # [B K M H]
+    vals = vt[jnp.arange(b)[:, None, None, None, None], jnp.arange(kh)[None, :, None, None, None],
+              idx]  # [B K G T k H]
+    lse = jax.nn.logsumexp(top, axis=-1)  # -inf where nothing is visible
+    p = jnp.where(jnp.isfinite(top), jnp.exp(top - jnp.where(jnp.isfinite(lse), lse, 0)[..., None]),
+                  0.0)
+    # [B K G T k] x [B K G T k H] -> [B T K G H]
+    out = jnp.einsum("bkgtj,bkgtjh->btkgh", p, vals.astype(jnp.float32))
+    return out.reshape(b, t, n, h), lse.reshape(b, n, t)
+
+
 def _piece(cfg: FoTAttentionConfig, impl: str, q, k, v, positions, seg, cache: FoTCache,
-           prefix: bool):
-    """One piece of n tokens through the cache (module docstring): (out [B n N H], cache)."""
-    n, start = q.shape[1], cache.length
-    keep = lambda c: c
-    cache = jax.lax.cond(start + n > cfg.window, lambda c: _to_memory(cfg, c), keep, cache)
+           pending):
+    """One piece of n tokens through the cache (module docstring): (out [B n N H], cache).
+    `pending` (traced bool): the local window holds a fresh prompt's prefix window, which moves
+    to memory now, before this piece's attention (after its own, as the reference orders it)."""
+    n = q.shape[1]
+    flush = pending | (cache.length + n > cfg.window)
+    cache = jax.lax.cond(flush, lambda c: _to_memory(cfg, c), lambda c: c, cache)
     at = cache.length
     cache = cache.write(k, v, positions, seg)
-    out = _read(cfg, impl, q, positions, seg, cache, at)
-    if prefix:  # a fresh prompt's prefix window goes to memory after its own attention
-        cache = jax.lax.cond(start == 0, lambda c: _to_memory(cfg, c), keep, cache)
-    return out, cache
+    return _read(cfg, impl, q, positions, seg, cache, at), cache
 
 
 def windows(cfg: FoTAttentionConfig, impl: str, q, k, v, positions, seg, cache: FoTCache):
     """A call's T tokens as the reference splits them: q [B T N H], un-rotated k, v [B T K H],
-    positions, seg [B T] -> (out [B T N H], cache). Full prefix windows share one scanned body."""
+    positions, seg [B T] -> (out [B T N H], cache). Full prefix windows share one scanned body;
+    a prefix window that found the local window empty is moved to memory by the next piece (a
+    call ends with its tail, so nothing is left pending between calls)."""
     pieces = cfg.pieces(q.shape[1])
     if max(size for _, size, _ in pieces) > cache.k.shape[1]:
         raise ValueError(f"fot: a piece of {max(s for _, s, _ in pieces)} tokens does not fit "
                          f"the local cache of {cache.k.shape[1]} entries (init the cache with "
                          f"max_len >= the sequence length)")
     arrays = (q, k, v, positions, seg)
-    outs = []
+    outs, pending = [], jnp.zeros((), bool)
     full = [p for p in pieces if p[2] and p[1] == cfg.window]
     if full:
         w, nf = cfg.window, len(full)
@@ -244,16 +274,21 @@ def windows(cfg: FoTAttentionConfig, impl: str, q, k, v, positions, seg, cache: 
         def split(a):  # [B nf*W ...] -> [nf B W ...]
             return jnp.moveaxis(a[:, :nf * w].reshape(a.shape[0], nf, w, *a.shape[2:]), 1, 0)
 
-        def body(c, xs):
-            out, c = _piece(cfg, impl, *xs, c, prefix=True)
-            return c, out
+        def body(carry, xs):
+            c, pending = carry
+            fresh = c.length == 0
+            out, c = _piece(cfg, impl, *xs, c, pending)
+            return (c, pending | fresh), out
 
-        cache, out = jax.lax.scan(body, cache, tuple(split(a) for a in arrays))
+        (cache, pending), out = jax.lax.scan(body, (cache, pending),
+                                             tuple(split(a) for a in arrays))
         outs.append(jnp.moveaxis(out, 0, 1).reshape(q.shape[0], nf * w, *out.shape[3:]))
     for start, size, prefix in pieces[len(full):]:
         if size:
             part = tuple(a[:, start:start + size] for a in arrays)
-            out, cache = _piece(cfg, impl, *part, cache, prefix)
+            fresh = cache.length == 0
+            out, cache = _piece(cfg, impl, *part, cache, pending)
+            pending = prefix & (pending | fresh)
             outs.append(out)
     return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0], cache
 
@@ -266,11 +301,38 @@ def _alone(cfg: FoTAttentionConfig, impl: str, q, k, v, positions, seg):
     return attend(_rotate(cfg, q, rel), _rotate(cfg, k, rel), v, mask, implementation=impl)
 
 
+def cross_batch(cfg: FoTAttentionConfig, impl: str, q, k, v, positions, seg):
+    """A memory layer's training pass with cross-batch range d = `fot.cross_batch_range`
+    (METHODS section 7): row b attends to its own row (causal, RoPE at `positions`) and to all T
+    keys and values of rows b-1 .. b-d, those keys rotated as if at position 0, visible only to
+    queries of the same segment id (a document: `doc_aware` packing gives a document's parts one
+    id across rows); one softmax. Gradients flow into the other rows' keys and values. Rows are
+    shifted along the batch axis (`jnp.roll`), so a batch sharded over `data` exchanges the d
+    neighbouring rows across shard edges. q [B T N H], k, v [B T K H] -> out [B T N H]."""
+    b = q.shape[0]
+    seg = jnp.ones(positions.shape, jnp.int32) if seg is None else seg
+    mask = Mask(causal=True, q_segment_ids=seg, kv_segment_ids=seg)
+    qr, kr = _rotate(cfg, q, positions), _rotate(cfg, k, positions)
+    k0 = _rotate(cfg, k, jnp.zeros_like(positions))
+    shifts = range(1, min(cfg.fot.cross_batch_range, b - 1) + 1)
+    if not shifts:
+        return attend(qr, kr, v, mask, implementation=impl)
+    rows = jnp.arange(b)[:, None]
+    ks = [jnp.roll(k0, j, axis=0) for j in shifts]  # [B T K H]: row b holds row b-j
+    vs = [jnp.roll(v, j, axis=0) for j in shifts]
+    ss = [jnp.where(rows >= j, jnp.roll(seg, j, axis=0), -1) for j in shifts]
+    extra = ExtraColumns(jnp.concatenate(ks, 1), jnp.concatenate(vs, 1), ALWAYS,
+                         segment_ids=jnp.concatenate(ss, 1))  # [B d*T K H]
+    return attend(qr, kr, v, mask, extra=extra, implementation=impl)
+
+
 class FoTAttention(Attention):
     """FoT attention with dense `Attention`'s projections and parameter names (any HF Llama or
     LongLLaMA loads into it): (x [B T D], positions [B T], cache, segment_ids [B T]) ->
     (y [B T D], cache). Without a cache a call longer than `last_context_length` runs the
-    reference's windowed forward through a temporary cache of its own length."""
+    reference's windowed forward through a temporary cache of its own length; with
+    `fot.cross_batch_range` > 0 it is a cross-batch training pass (`cross_batch`), standard
+    causal attention in `fot_local` layers."""
 
     cfg: FoTAttentionConfig
 
@@ -279,8 +341,10 @@ class FoTAttention(Attention):
                  segment_ids: SegmentIds | None = None) -> tuple[Hidden, FoTCache | None]:
         c, impl = self.cfg, self.kernels.attention
         q, k, v = self.project(x)
-        t = x.shape[1]
-        if cache is None and t <= c.fot.last_context_length:
+        t, d = x.shape[1], c.fot.cross_batch_range
+        if cache is None and d and c.memory:
+            out = cross_batch(c, impl, q, k, v, positions, segment_ids)
+        elif cache is None and (d or t <= c.fot.last_context_length):
             out = _alone(c, impl, q, k, v, positions, segment_ids)
         else:
             seg = jnp.ones(x.shape[:2], jnp.int32) if segment_ids is None else segment_ids
@@ -351,4 +415,4 @@ LOCAL_SPEC = MixerSpec(
 )
 
 __all__ = ["LOCAL_SPEC", "SPEC", "FoTAttention", "FoTAttentionConfig", "FoTCache",
-           "FoTLocalAttentionConfig", "check_memory", "fot_pattern", "mem_layers_of", "windows"]
+           "FoTLocalAttentionConfig", "check_memory", "cross_batch", "fot_pattern", "mem_layers_of", "windows"]

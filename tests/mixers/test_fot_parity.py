@@ -67,13 +67,6 @@ def test_windowed_forward_logits(forward):
     np.testing.assert_allclose(np.asarray(forward[0]), load("logits"), atol=ATOL, rtol=0)
 
 
-def test_forward_without_cache_is_the_same_windowed_forward(checkpoint):
-    """`Transformer(tokens)` (no cache) windows the input itself: the reference's forward."""
-    out, _ = jax.jit(Transformer(checkpoint.config).apply)({"params": checkpoint.params},
-                                                           jnp.asarray(load("input_ids")))
-    np.testing.assert_allclose(np.asarray(out), load("logits"), atol=ATOL, rtol=0)
-
-
 def test_memory_after_the_forward(forward, raw_config):
     """Memory of each memory layer (in `mem_layers` order): keys rotated as if at position 0,
     values, in token order; nothing else written."""
