@@ -87,9 +87,12 @@ def config_from_hf(raw: dict, where: str) -> ModelConfig:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{where}: expected a JSON object")
     model_type = raw.get("model_type", "llama")
+    from jaxllama.checkpoint import deepseek  # imports this module: loaded on use
+    if model_type in deepseek.MODEL_TYPES:
+        return deepseek.config_from_hf(raw, where)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{where}: model_type {model_type!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES + deepseek.MODEL_TYPES)})")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads"):
         if not isinstance(raw.get(key), int):
@@ -143,6 +146,9 @@ def config_to_hf(cfg: ModelConfig, generation_config: dict | None = None,
                  torch_dtype: str = "float32") -> dict:
     """HF Llama config.json (4.x form) for `cfg`; a layer whose kind has no HF tensors is refused
     (lambda layers export as plain Llama layers: their weights are the same)."""
+    from jaxllama.checkpoint import deepseek  # imports this module: loaded on use
+    if deepseek.writes(cfg):
+        return deepseek.config_to_hf(cfg, generation_config, torch_dtype)
     check_hf_layout(cfg)
     a = cfg.attention
     gen = generation_config or {}
