@@ -17,7 +17,11 @@ from jaxllama.checkpoint.base import CheckpointError, check_hf_layout
 from jaxllama.config import DEFAULT_KIND, AttentionConfig, ConfigError, ModelConfig, RopeConfig
 
 # model_type -> the module reading and writing that format (imported on use: it imports this one)
-OTHER_FORMATS = {"longllama": lambda: importlib.import_module("jaxllama.checkpoint.longllama")}
+OTHER_FORMATS = {
+    "longllama": lambda: importlib.import_module("jaxllama.checkpoint.longllama"),
+    "deepseek_v2": lambda: importlib.import_module("jaxllama.checkpoint.deepseek"),
+    "deepseek_v3": lambda: importlib.import_module("jaxllama.checkpoint.deepseek"),
+}
 SUPPORTED_MODEL_TYPES = ("llama", *OTHER_FORMATS)
 _SCALED_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
 
@@ -148,6 +152,9 @@ def config_to_hf(cfg: ModelConfig, generation_config: dict | None = None,
                  torch_dtype: str = "float32") -> dict:
     """HF Llama config.json (4.x form) for `cfg`; a layer whose kind has no HF tensors is refused
     (lambda layers export as plain Llama layers: their weights are the same)."""
+    deepseek = OTHER_FORMATS["deepseek_v3"]()
+    if deepseek.writes(cfg):  # a model with MLA layers is written as DeepSeek-V3 (or V2)
+        return deepseek.config_to_hf(cfg, generation_config, torch_dtype)
     check_hf_layout(cfg)
     if cfg.fot is not None:  # a model with FoT layers is written as LongLLaMA
         return OTHER_FORMATS["longllama"]().config_to_hf(cfg, generation_config, torch_dtype)

@@ -32,6 +32,7 @@ order; only dot products are read).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -41,10 +42,12 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxllama.config import KernelConfig, MLAConfig, ModelConfig
+from jaxllama.kernels.flash_attention import decode as mla_decode
 from jaxllama.kernels.flash_attention.api import Mask, attend
 from jaxllama.layers.basic import Linear, RMSNorm, default_init
 from jaxllama.layers.rope import apply_rope, apply_rope_interleaved, rope_for
 from jaxllama.mixers.spec import HFTensor, MixerSpec
+from jaxllama.parallel.ring_mla import mla_context_attend
 from jaxllama.sharding import constrain
 from jaxllama.typing import Hidden, Positions, SegmentIds
 
@@ -157,6 +160,17 @@ class Kernel(nn.Module):
                           self.shape, self.param_dtype)
 
 
+def expand_latent(lat, rope_k, kv_b, nope: int, dtype):
+    """The expanded form: keys [B S K H+R] = [k_nope | the shared rope key] and values
+    [B S K U] from latents [B S L], rope keys [B S R] and kv_b [L K H+U] (H = `nope`)."""
+    # [B S L] x [L K H+U] -> [B S K H+U]
+    kv = jnp.einsum("bsl,lkh->bskh", lat.astype(dtype), kv_b.astype(dtype),
+                    preferred_element_type=F32).astype(dtype)
+    rope = jnp.broadcast_to(rope_k[:, :, None, :].astype(dtype),
+                            kv.shape[:3] + (rope_k.shape[-1],))
+    return jnp.concatenate([kv[..., :nope], rope], axis=-1), kv[..., nope:]
+
+
 def absorbed_weights(cfg: MLAttentionConfig, kv_b):
     """kv_b [..., L K H+U] -> (W_UK [..., K H L], W_UV [..., K L U]): the key part transposed
     for folding into the query, the value part per kv head. Leading axes (a layer axis) pass."""
@@ -220,13 +234,7 @@ class MLAttention(nn.Module):
 
     def expand(self, lat, rope_k, kv_b):
         """Keys [B S K H+R] and values [B S K U] of latents [B S L] and rope keys [B S R]."""
-        c = self.cfg
-        # [B S L] x [L K H+U] -> [B S K H+U]
-        kv = jnp.einsum("bsl,lkh->bskh", lat.astype(self.dtype), kv_b.astype(self.dtype),
-                        preferred_element_type=F32).astype(self.dtype)
-        rope = jnp.broadcast_to(rope_k[:, :, None, :].astype(self.dtype),
-                                kv.shape[:3] + (c.rope_dim,))
-        return jnp.concatenate([kv[..., :c.nope], rope], axis=-1), kv[..., c.nope:]
+        return expand_latent(lat, rope_k, kv_b, self.cfg.nope, self.dtype)
 
     def project_out(self, out) -> Hidden:
         c = self.cfg
@@ -235,7 +243,10 @@ class MLAttention(nn.Module):
                       name="o_proj", **self._kw(c.mla.bias))(out)  # [B T N U] -> [B T D]
 
     def absorbed(self, q_nope, q_rope, cache: MLACache, mask: Mask, kv_b):
-        """Attention in latent space over the cache: out [B T N U]."""
+        """Attention in latent space over the cache: out [B T N U]. One query token runs the
+        flash-decoding op `mla_decode` (split over the cache, latent and rope key never
+        concatenated); an implementation that op lacks (`pallas_tpu`) runs `attend` over the
+        concatenated [latent | rope_k] keys with that implementation."""
         c = self.cfg
         b, t, n, _ = q_nope.shape
         k, g = c.num_kv_heads, n // c.num_kv_heads
@@ -248,11 +259,19 @@ class MLAttention(nn.Module):
         # [B T K G H] x [K H L] -> [B T K G L]: W_UK folded into the query
         q_lat = jnp.einsum("btkgh,khl->btkgl", qg, w_uk.astype(self.dtype),
                            preferred_element_type=F32).astype(self.dtype)
-        q = jnp.concatenate([q_lat.reshape(b, t, n, c.latent), q_rope.astype(self.dtype)], -1)
-        keys = jnp.concatenate([cache.latent, cache.rope_k], -1)[:, :, None].astype(self.dtype)
-        vals = cache.latent[:, :, None].astype(self.dtype)  # [B S 1 L]
-        out = attend(q, keys, vals, mask, scale=c.softmax_scale,
-                     implementation=self.kernels.attention)  # [B T N L]
+        q_lat = q_lat.reshape(b, t, n, c.latent)
+        impl = self.kernels.attention
+        if t == 1 and mla_decode.has_implementation(impl):
+            out = mla_decode.decode_attend(
+                q_lat[:, 0], q_rope[:, 0].astype(self.dtype), cache.latent, cache.rope_k,
+                mask.q_offset, mask.q_segment_ids[:, 0], mask.kv_segment_ids,
+                scale=c.softmax_scale, implementation=impl)[:, None]  # [B 1 N L]
+        else:
+            q = jnp.concatenate([q_lat, q_rope.astype(self.dtype)], -1)  # [B T N L+R]
+            keys = jnp.concatenate([cache.latent, cache.rope_k], -1)[:, :, None]
+            vals = cache.latent[:, :, None]  # [B S 1 L]
+            out = attend(q, keys.astype(self.dtype), vals.astype(self.dtype), mask,
+                         scale=c.softmax_scale, implementation=impl)  # [B T N L]
         # [B T K G L] x [K L U] -> [B T K G U]
         out = jnp.einsum("btkgl,klu->btkgu", out.reshape(b, t, k, g, c.latent),
                          w_uv.astype(self.dtype), preferred_element_type=F32)
@@ -270,9 +289,12 @@ class MLAttention(nn.Module):
         impl = self.kernels.attention
         if cache is None:
             if self.kernels.context_parallel != "none":
-                from jaxllama.parallel.ring_mla import mla_context_attend
-
-                out = mla_context_attend(self, q_nope, q_rope, lat, rope_k, kv_b, segment_ids)
+                # the sequence is sharded over `seq`: the latent travels around the ring
+                out = mla_context_attend(
+                    jnp.concatenate([q_nope, q_rope], -1), lat, rope_k, kv_b, segment_ids,
+                    expand=functools.partial(expand_latent, nope=c.nope, dtype=self.dtype),
+                    mode=self.kernels.context_parallel, implementation=impl,
+                    scale=c.softmax_scale)
             else:
                 k, v = self.expand(lat, rope_k, kv_b)
                 q = jnp.concatenate([q_nope, q_rope], -1)
@@ -342,7 +364,7 @@ SPEC = MixerSpec(
     config_cls=MLAttentionConfig,
     config_field="mla",
     context_limited=True,  # every past key, rotated at its true distance
-    context_parallel=(),
+    context_parallel=("ring",),  # the latent travels (parallel/ring_mla.py)
     uses_rope=True,
     padding="segment_ids",
     cache_growth="linear",
@@ -352,4 +374,4 @@ SPEC = MixerSpec(
 )
 
 __all__ = ["SPEC", "MLACache", "MLAttention", "MLAttentionConfig", "absorbed_weights",
-           "decode_params", "hf_tensors"]
+           "decode_params", "expand_latent", "hf_tensors"]
