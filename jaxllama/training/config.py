@@ -148,6 +148,32 @@ class DistributedConfig:
     process_id: int = 0
 
 
+DISTILL_STAGES = ("layerwise", "kl")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from a teacher (`training/distill.py`): stage `layerwise` (each student
+    layer fed the teacher's layer input, L2 to its output) or `kl` (KL(teacher || student) times
+    `kl_weight` plus `ce_weight` times the next-token CE). The teacher is any checkpoint
+    `init.checkpoint` accepts; it runs without gradients on the student's mesh."""
+
+    teacher: str = ""
+    stage: str = "kl"
+    kl_weight: float = 1.0
+    ce_weight: float = 0.0
+    last_normed: bool = True  # layerwise: compare the last layer after the final norms
+
+    def __post_init__(self):
+        if not self.teacher:
+            raise ConfigError("distill.teacher: a teacher checkpoint is required")
+        if self.stage not in DISTILL_STAGES:
+            raise ConfigError(f"distill.stage: {self.stage!r} is not one of {DISTILL_STAGES}")
+        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
+            raise ConfigError("distill.kl_weight: kl_weight and ce_weight must be >= 0 and not "
+                              "both 0")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model_preset: str | None = None
@@ -159,6 +185,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    distill: DistillConfig | None = None  # None = plain next-token training
     cpu_devices: int = 0  # simulate this many CPU devices (CI); 0 = the platform's devices
     source: str = ""  # the YAML file (for messages); set by `load_train_config`
 

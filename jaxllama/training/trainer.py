@@ -183,7 +183,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         return {"step": start, "loss": None, "losses": {}, "stopped": None, "complete": True,
                 "steps": t.steps}
     log.info("compiling the train step (the first step waits for it)")
-    step_fn = compile_train_step(model, tx, mesh, loss_chunk=t.loss_chunk, grad_accum=t.grad_accum)
+    if cfg.distill is not None:  # a teacher and a distillation loss (training/distill.py)
+        from jaxllama.training.distill import compile_for_run
+        step_fn = compile_for_run(cfg, model, tx, mesh)
+    else:
+        step_fn = compile_train_step(model, tx, mesh, loss_chunk=t.loss_chunk,
+                                     grad_accum=t.grad_accum)
     log_dir = cfg.log.dir or cfg.checkpoint.dir
     metrics = MetricsLog(log_dir, total_steps=t.steps, start_step=start,
                          tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
