@@ -21,6 +21,10 @@ exactly what it computes alone. "Un-rotated" means rotated to position 0: the id
 RoPE type except those with an attention factor (yarn, longrope), where it keeps the factor on
 both sides of the score, as the ordinary branch does.
 
+Training with the sequence sharded over `seq` (`kernels.context_parallel` ring or allgather, the
+mode the dense layers of a hybrid use) runs `parallel/halo.py`: each device receives the L - 1
+keys before each of its chunks and its segments' G sinks, never the whole sequence.
+
 Costs. The ring holds L entries though L - 1 would do (the published CBHybrid cache sizes count
 L + G per layer). With segment ids and no cache every token is a potential sink column, which
 doubles the attention work of that (packed training) path.
