@@ -7,8 +7,9 @@
 Bad flags, configs and inputs are one line on stderr and exit status 2 (no traceback), before
 anything compiles; settings are dotted overrides (`--steps 5` is refused with the hint
 `train.steps=5`). SIGTERM / SIGINT finish the current step, save a checkpoint and exit (status 0
-for SIGTERM, 130 for SIGINT); rerunning the same command resumes from it. Rerunning a finished run
-trains nothing: one line says so and how to continue (exit status 0).
+for SIGTERM, 130 for SIGINT); rerunning the same command resumes from it. A run that stops after
+`train.max_bad_steps` non-finite steps in a row is one line and exit status 1. Rerunning a
+finished run trains nothing: one line says so and how to continue (exit status 0).
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from jaxllama.training.trainer import DivergedError
+
+        if not isinstance(e, DivergedError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if out.get("stopped"):
         print(f"stopped by {out['stopped']} at step {out['step']}; checkpoint saved "
               "(rerun the same command to resume)", file=sys.stderr)

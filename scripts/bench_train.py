@@ -11,7 +11,17 @@ with the chunked loss. Compilation (ahead of time) is reported apart from the ti
 median of `--steps`; the first executed step is timed too, as nothing is left to compile). MFU counts model FLOPs
 (jaxllama.training.metrics.flops_per_token) against the peak: the accelerator's table entry, or
 on CPU a measured float32 matmul rate of the whole host (simulated devices share its cores).
-Peak memory is the process's peak resident set on CPU, the device's peak bytes in use on GPU.
+Peak memory is the process's peak resident set on CPU, the device's peak bytes in use on GPU;
+"peak/device" is XLA's own figure for the compiled SPMD program, per device: arguments + outputs
+- donated aliases + temporaries (`compiled.memory_analysis()`), which on simulated CPU devices is
+what one real device would need.
+
+    python scripts/bench_train.py --per-device 8192 --memory-only   # 1, 2, 4, 8 devices
+    python scripts/bench_train.py --per-device 8192 --pattern dense,lambda --memory-only
+
+`--per-device N` is the scaling mode: N tokens per device on 1, 2, 4 and 8 devices (ring
+attention from 2 on), so a flat per-device peak shows that context parallelism costs no memory
+beyond the local share; `--memory-only` compiles without running steps (memory columns only).
 """
 
 from __future__ import annotations
@@ -46,6 +56,20 @@ def configs(seqs: list[int], devices: int, all_long: bool) -> list[dict]:
     return out
 
 
+def scaling_configs(per_device: int, devices: list[int]) -> list[dict]:
+    """`per_device` tokens on each of `devices` (ring attention from 2 devices on)."""
+    return [{"seq": per_device * d, "devices": d, "cp": "ring" if d > 1 else "none",
+             "loss_chunk": 1024} for d in devices]
+
+
+def compiled_peak(compiled) -> tuple[float, float]:
+    """(peak bytes per device, temporaries per device) of a compiled SPMD program."""
+    m = compiled.memory_analysis()
+    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            + m.temp_size_in_bytes)
+    return float(peak), float(m.temp_size_in_bytes)
+
+
 def run_one(c: dict, steps: int, peak: float) -> dict:
     """Child process: one configuration, printed as JSON."""
     import jax
@@ -62,7 +86,12 @@ def run_one(c: dict, steps: int, peak: float) -> dict:
     from jaxllama.training.optimizer import lr_schedule, make_optimizer
     from jaxllama.training.step import compile_train_step, init_state
 
-    model_cfg = model_config_from_dict({**MODEL, "kernels": {"context_parallel": c["cp"],
+    model = dict(MODEL, max_position_embeddings=max(MODEL["max_position_embeddings"], c["seq"]))
+    if c.get("pattern"):
+        model["layer_pattern"] = c["pattern"].split(",")
+        model["num_layers"] = len(model["layer_pattern"])
+        model["lambda"] = {"global_tokens": 16, "window": 1024}
+    model_cfg = model_config_from_dict({**model, "kernels": {"context_parallel": c["cp"],
                                                              "remat": "full"}})
     model = Transformer(model_cfg)
     mesh = make_mesh({"data": 1, "seq": c["devices"]}, jax.devices()[:c["devices"]])
@@ -85,6 +114,10 @@ def run_one(c: dict, steps: int, peak: float) -> dict:
     with use_mesh(mesh):  # compile ahead of time: the timed steps reuse this executable
         compiled = step.jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
+    dev_peak, dev_temp = compiled_peak(compiled)
+    if steps == 0:  # memory only
+        return {**c, "compile_s": compile_s, "device_peak_gib": dev_peak / 2 ** 30,
+                "device_temp_gib": dev_temp / 2 ** 30, "device": jax.devices()[0].device_kind}
     m = None
     times = []
     for _ in range(steps):
@@ -101,6 +134,7 @@ def run_one(c: dict, steps: int, peak: float) -> dict:
     return {**c, "step_s": dt, "tokens_per_s": tok_s, "compile_s": compile_s,
             "mfu": flops_per_token(model_cfg, t) * tok_s / peak if peak else 0.0,
             "peak_gib": mem / 2 ** 30, "loss": float(m["loss"]),
+            "device_peak_gib": dev_peak / 2 ** 30, "device_temp_gib": dev_temp / 2 ** 30,
             "device": jax.devices()[0].device_kind}
 
 
@@ -115,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
     p.add_argument("--all-long", action="store_true",
                    help="also full logits and XLA-sharded attention at 32K and more")
+    p.add_argument("--per-device", type=int, default=0,
+                   help="scaling mode: this many tokens per device on --scale-devices devices")
+    p.add_argument("--scale-devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--pattern", default="", help="layer kinds, e.g. dense,lambda (default dense)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="compile only: XLA's per-device memory, no timed steps")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -132,11 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_train: {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, {jax.devices()[0].device_kind}, peak {peak / 1e9:.1f} "
           f"GFLOP/s ({source}), {time.strftime('%Y-%m-%d')}")
-    print("| seq | devices | attention | loss | tokens/s | MFU | peak mem (GiB) | step (s) |"
-          " compile (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for c in configs(args.seq, devices, args.all_long or not on_cpu):
+    print("| seq | devices | attention | loss | tokens/s | MFU | peak mem (GiB) | peak/device "
+          "(GiB) | temp/device (GiB) | step (s) | compile (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if args.per_device:
+        todo = scaling_configs(args.per_device, args.scale_devices)
+    else:
+        todo = configs(args.seq, devices, args.all_long or not on_cpu)
+    for c in todo:
+        c["pattern"] = args.pattern
         steps = args.long_steps if c["seq"] >= 32768 else args.steps
+        steps = 0 if args.memory_only else steps
         child = json.dumps({"config": c, "steps": steps, "peak": peak})
         try:
             out = subprocess.run([sys.executable, __file__, "--child", child], check=False,
@@ -150,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         head = (f"| {c['seq'] // 1024}K | {c['devices']} | {attn[c['cp']]} | "
                 f"{'chunked' if c['loss_chunk'] else 'full logits'} |")
         if r is None:
-            print(f"{head} {err} | | | | |", flush=True)
+            print(f"{head} {err} | | | | | | |", flush=True)
+        elif steps == 0:
+            print(f"{head} | | | {r['device_peak_gib']:.3f} | {r['device_temp_gib']:.3f} | |"
+                  f" {r['compile_s']:.1f} |", flush=True)
         else:
             print(f"{head} {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% | {r['peak_gib']:.2f} |"
+                  f" {r['device_peak_gib']:.3f} | {r['device_temp_gib']:.3f} |"
                   f" {r['step_s']:.2f} | {r['compile_s']:.1f} |", flush=True)
     return 0
 

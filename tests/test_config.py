@@ -132,8 +132,18 @@ def test_unknown_and_unbuilt_kinds_are_one_line_errors():
         spec_of("rwkv")
 
 
-def test_context_parallel_with_a_kind_that_cannot_is_a_config_error():
-    """Refused when the config is built (nothing traced): lambda lists no context-parallel mode."""
+def test_context_parallel_with_a_kind_that_cannot_is_a_config_error(monkeypatch):
+    """Refused when the config is built (nothing traced), here for a lambda spec that lists no
+    context-parallel mode; the real lambda spec runs both (halo exchange)."""
+    import dataclasses
+
+    from jaxllama.mixers import REGISTRY
+
+    ok = ModelConfig(layer_pattern=("dense", "lambda"), lambda_=LambdaConfig(),
+                     kernels=KernelConfig(context_parallel="ring"))
+    assert all("ring" in spec_of(k).context_parallel for k in ok.layer_pattern)
+    monkeypatch.setitem(REGISTRY, "lambda",
+                        dataclasses.replace(REGISTRY["lambda"], context_parallel=()))
     with pytest.raises(ConfigError, match=r"kernels\.context_parallel: 'ring' is not supported by "
                                           r"lambda layers \(layer 1; lambda supports: none\)"):
         ModelConfig(layer_pattern=("dense", "lambda"), lambda_=LambdaConfig(),
@@ -141,8 +151,6 @@ def test_context_parallel_with_a_kind_that_cannot_is_a_config_error():
     with pytest.raises(ConfigError, match=r"^model\.kernels\.context_parallel: 'allgather'"):
         model_config_from_dict({"layer_pattern": "lambda", "num_layers": 2, "lambda": {},
                                 "kernels": {"context_parallel": "allgather"}})
-    ok = ModelConfig(layer_pattern=("dense",) * 2, kernels=KernelConfig(context_parallel="ring"))
-    assert all("ring" in spec_of(k).context_parallel for k in ok.layer_pattern)
 
 
 def test_the_trainer_takes_context_parallelism_from_the_resolved_model(tmp_path):

@@ -21,6 +21,10 @@ exactly what it computes alone. "Un-rotated" means rotated to position 0: the id
 RoPE type except those with an attention factor (yarn, longrope), where it keeps the factor on
 both sides of the score, as the ordinary branch does.
 
+Training with the sequence sharded over `seq` (`kernels.context_parallel` ring or allgather, the
+mode the dense layers of a hybrid use) runs `parallel/halo.py`: each device receives the L - 1
+keys before each of its chunks and its segments' G sinks, never the whole sequence.
+
 Costs. The ring holds L entries though L - 1 would do (the published CBHybrid cache sizes count
 L + G per layer). With segment ids and no cache every token is a potential sink column, which
 doubles the attention work of that (packed training) path.
@@ -41,6 +45,9 @@ from jaxllama.layers.rope import apply_rope
 from jaxllama.mixers.attention import Attention, AttentionLayerConfig
 from jaxllama.mixers.attention import hf_tensors as attention_tensors
 from jaxllama.mixers.spec import MixerSpec
+from jaxllama.parallel.context import SEQ_AXIS
+from jaxllama.parallel.halo import halo_lambda_attend
+from jaxllama.sharding import mesh_axis_size
 from jaxllama.typing import Hidden, Positions, SegmentIds
 
 
@@ -166,12 +173,16 @@ class LambdaAttention(Attention):
     @nn.compact
     def __call__(self, x: Hidden, positions: Positions, cache: LambdaCache | None = None,
                  segment_ids: SegmentIds | None = None) -> tuple[Hidden, LambdaCache | None]:
-        # `kernels.context_parallel` is never set here: the spec lists no mode, so the config
-        # refuses it (`mixers.check_model`) before anything is traced.
         lam = self.cfg.lambda_
         q, k, q_d, k_0, v = self.rotations(x, positions)
         impl = self.kernels.attention
-        if cache is None and segment_ids is None:
+        if (cache is None and self.kernels.context_parallel != "none"
+                and mesh_axis_size(SEQ_AXIS) > 1):
+            # sequence sharded over `seq` (zigzag): whichever mode the dense layers use, a lambda
+            # layer only needs a halo of L - 1 keys and its segment's G sinks (parallel/halo.py)
+            out = halo_lambda_attend(q, k, q_d, k_0, v, segment_ids, window=lam.window,
+                                     global_tokens=lam.global_tokens, implementation=impl)
+        elif cache is None and segment_ids is None:
             # sinks are the first G tokens of the row
             g = min(lam.global_tokens, x.shape[1])
             sink = ExtraColumns(k_0[:, :g], v[:, :g], BEYOND_WINDOW, q=q_d) if g else None
@@ -251,7 +262,8 @@ SPEC = MixerSpec(
     config_cls=LambdaAttentionConfig,
     config_field="lambda_",
     context_limited=False,  # G + L keys at distances clipped to D, whatever the position
-    context_parallel=(),
+    # either mode runs the halo exchange (parallel/halo.py): the window bounds what is read
+    context_parallel=("ring", "allgather"),
     uses_rope=True,
     padding="segment_ids",
     cache_growth="constant",

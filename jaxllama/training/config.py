@@ -99,9 +99,11 @@ class LoopConfig:
     clip_norm: float = 1.0  # 0 = no clipping
     compute_dtype: str = "bfloat16"  # parameters stay float32 (master weights)
     loss_chunk: int = 1024  # tokens per loss piece; 0 = full [B T V] logits
+    # a step with a non-finite loss or gradient norm is skipped; this many in a row stop the run
+    max_bad_steps: int = 5
 
     def __post_init__(self):
-        for name in ("steps", "seq_len", "batch_size", "grad_accum"):
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}: must be > 0, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
@@ -126,8 +128,15 @@ class CheckpointConfig:
     resume: bool = True  # continue from the latest checkpoint in `dir` when there is one
     export_hf: str | None = None  # write the final model as an HF directory here
     export_orbax: str | None = None  # ... and/or as a jaxllama orbax directory (load_checkpoint)
-    # simulated preemption (tests, drills): the run sends itself SIGTERM right after this step
+    # simulated preemption (tests, drills): the run sends itself `preempt_signal` right after
+    # this step (0 = never)
     preempt_at_step: int = 0
+    preempt_signal: str = "SIGTERM"  # SIGTERM | SIGINT
+
+    def __post_init__(self):
+        if self.preempt_signal not in ("SIGTERM", "SIGINT"):
+            raise ConfigError(f"checkpoint.preempt_signal: {self.preempt_signal!r} is not one of "
+                              "SIGTERM, SIGINT")
 
 
 @dataclass(frozen=True)

@@ -83,12 +83,21 @@ def loss_and_grads(params, model: Transformer, batch: dict, loss_chunk: int = 0,
 
 def train_step(state: TrainState, batch: dict, *, model: Transformer,
                tx: optax.GradientTransformation, loss_chunk: int = 0, grad_accum: int = 1):
-    """One optimizer update. Returns (new state, metrics: loss, grad_norm, tokens)."""
+    """One guarded optimizer update. Returns (new state, metrics: loss, grad_norm, tokens, finite).
+
+    `finite` (bool scalar) is False when the loss, the gradient norm or the updated parameters are
+    not all finite; the update is then skipped inside the step (state returned unchanged, step
+    counter included), so a non-finite state never exists and the check costs no host sync of its
+    own: the flag travels with the metrics the loop already fetches."""
     loss, count, grads = loss_and_grads(state.params, model, batch, loss_chunk, grad_accum)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+    new = TrainState(state.step + 1, params, opt_state)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+    return new, metrics
 
 
 def abstract_params(model: Transformer, seq_len: int = 8):

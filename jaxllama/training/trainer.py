@@ -6,6 +6,11 @@ the optimizer and the state (restored from the latest readable checkpoint when t
 the data loader's position); then the loop. SIGTERM / SIGINT set a flag: the current step ends,
 a checkpoint is written, and `run` returns `stopped=True` (a second SIGINT interrupts at once).
 Multi-process runs (`distributed.coordinator`) agree on stopping through a tiny all-gather.
+
+Guarded steps: the jitted step skips an update whose loss, gradient norm or new parameters are not
+finite (`step.train_step`) and says so in its `finite` metric; the loop logs each skipped step,
+writes no checkpoint for it, and after `train.max_bad_steps` in a row raises `DivergedError`
+(pending checkpoint saves finish first, so the last good checkpoint stays the newest).
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ def init_distributed(cfg: DistributedConfig) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=cfg.coordinator,
                                num_processes=cfg.num_processes, process_id=cfg.process_id)
+
+
+class DivergedError(RuntimeError):
+    """`train.max_bad_steps` consecutive steps had a non-finite loss or gradient norm."""
 
 
 class StopFlag:
@@ -197,6 +206,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         with StopFlag() as stop:
             state, out = _loop(cfg, bundle, state, start, step_fn, loader, ckpt, metrics, stop,
                                schedule, mesh)
+    except DivergedError:
+        if ckpt is not None:
+            ckpt.close()  # finish the pending saves of good steps; write nothing new
+        raise
     finally:
         metrics.close()
     if ckpt is not None:
@@ -243,6 +256,7 @@ def _loop(cfg, bundle, state, step, step_fn, loader, ckpt, metrics, stop, schedu
     bsh = batch_sharding(mesh)
     losses: dict[int, float] = {}
     stopped = None
+    bad = 0  # consecutive skipped (non-finite) steps
     while step < t.steps:
         if stop.agreed():
             stopped = stop.signal or "signal on another process"
@@ -255,6 +269,21 @@ def _loop(cfg, bundle, state, step, step_fn, loader, ckpt, metrics, stop, schedu
         dt = time.perf_counter() - t0
         step += 1
         loss = float(m["loss"])
+        if not bool(m["finite"]):
+            bad += 1
+            log.warning("step %d: non-finite loss %s or gradient norm %s; update skipped (%d in a "
+                        "row, limit train.max_bad_steps=%d)", step, loss, float(m["grad_norm"]),
+                        bad, t.max_bad_steps)
+            if bad >= t.max_bad_steps:
+                if ckpt is not None:
+                    ckpt.wait()
+                last = ckpt.all_steps()[-1] if ckpt is not None and ckpt.all_steps() else None
+                kept = f"; last good checkpoint: step {last}" if last is not None else ""
+                raise DivergedError(f"step {step}: {bad} consecutive steps with a non-finite loss "
+                                    f"or gradient norm (train.max_bad_steps={t.max_bad_steps})"
+                                    f"{kept}")
+            continue
+        bad = 0
         losses[step] = loss
         tok_s = tokens_per_step / dt
         row = {"loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
@@ -265,8 +294,8 @@ def _loop(cfg, bundle, state, step, step_fn, loader, ckpt, metrics, stop, schedu
         if ckpt is not None:
             ckpt.save(step, state, loader.get_state(),
                       {"loss": loss, "model": to_dict(bundle.config)})
-        if step == cfg.checkpoint.preempt_at_step:
-            os.kill(os.getpid(), signal.SIGTERM)  # the real signal path, at a known step
+        if step == cfg.checkpoint.preempt_at_step:  # the real signal path, at a known step
+            os.kill(os.getpid(), getattr(signal, cfg.checkpoint.preempt_signal))
     return state, {"step": step, "loss": losses.get(step), "losses": losses, "stopped": stopped,
                    "complete": False}
 

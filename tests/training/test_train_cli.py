@@ -1,5 +1,6 @@
 """`python -m jaxllama.train` end to end: the CI tiny run (8 simulated devices, data x seq mesh,
-ring attention) stopped by SIGTERM and resumed gives the same step-30 loss as an uninterrupted run;
+ring attention) interrupted by SIGINT, resumed, stopped by SIGTERM and resumed gives the same losses
+as an uninterrupted run;
 bad configs are one-line errors with exit status 2."""
 
 import json
@@ -49,13 +50,23 @@ def test_sigterm_then_resume_matches_uninterrupted_run(tmp_path):
     assert reference[30] < reference[1] - 1.0  # it learns
     assert (tmp_path / "full" / "tensorboard").is_dir()
 
-    # killed at step 15: the run sends itself a real SIGTERM right after step 15 (a signal from
-    # outside takes the same path but would race a 50 ms step); it saves and exits with 0
+    # interrupted at step 7 by SIGINT, resumed, stopped at step 15 by SIGTERM, resumed: the run
+    # sends itself the real signal right after the step (a signal from outside takes the same
+    # path but would race a 50 ms step); it saves and exits with 130 (SIGINT) or 0 (SIGTERM)
     run = tmp_path / "cut"
+    cut = subprocess.run(_cmd(run, "checkpoint.preempt_at_step=7", "checkpoint.every=10",
+                              "checkpoint.preempt_signal=SIGINT"),
+                         check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert cut.returncode == 130, cut.stderr[-2000:]
+    assert "stopped by SIGINT at step 7" in cut.stderr
+    assert max(_losses(run)) == 7
+    assert _steps(run) == [1, 7]  # orbax's save of the first step and the SIGINT save
     cut = subprocess.run(_cmd(run, "checkpoint.preempt_at_step=15", "checkpoint.every=10"),
                          check=False, cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert cut.returncode == 0, cut.stderr[-2000:]
+    assert f"resumed from {run / 'ckpt'} step 7" in cut.stderr
     assert "stopped by SIGTERM at step 15" in cut.stderr
     assert max(_losses(run)) == 15
     assert _steps(run) == [10, 15]  # the periodic save at 10 and the SIGTERM save at 15
