@@ -18,6 +18,11 @@ callbacks are not kept by JAX's persistent compilation cache, and the CLI's stre
 main use (an unrolled layer loop is slow to compile); the extra cost is one dispatch per streamed
 token, small against a decode step.
 
+Speculative decoding (`generate(..., draft=...)`, `jaxllama.inference.speculative`) runs its own
+on-device loop over the same prefill, first-token step and decode layout: each round checks the
+draft's tokens in one cached call of k + 1 tokens and rolls the caches back through each kind's
+`Rollback` (mixers/spec.py).
+
 Defaults per platform (`engine_defaults`, a pure function of the platform name, tested for each).
 On GPU and TPU both phases compute in the parameter dtype, the cache is in that compute dtype and
 decode uses the params in place (stacked, scanned: no copy of the weights). On CPU decode is bound
