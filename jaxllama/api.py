@@ -114,6 +114,7 @@ class Completion:
     finish_reason: str  # "stop" (an EOS id) or "length"
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    draft_acceptance: float | None = None  # speculative decoding: draft tokens kept / proposed
 
     def to_json(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
@@ -202,11 +203,14 @@ class LLM:
                  max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0, chat: bool | None = None,
                  system: str | None = None, max_len: int | None = None,
-                 on_text: Callable[[int, str], None] | None = None, **engine_options):
+                 on_text: Callable[[int, str], None] | None = None, draft=None,
+                 **engine_options):
         """Generate for one prompt (returns a `Completion`) or several (a list, one batch).
 
         Prompts are strings (chat template applied when the tokenizer has one, unless
         `chat=False`) or token id lists. `on_text(row, text)` receives text as it is decoded.
+        `draft`: speculative decoding (`jaxllama.inference.speculative`: an `NgramDraft` or a
+        `ModelDraft`), same output when greedy, same distribution when sampling.
         """
         single = isinstance(prompts, str) or (
             isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int))
@@ -226,7 +230,8 @@ class LLM:
         # a new batch size, prompt-length bucket or sampling kind compiles new programs
         longest = max((len(p) for p in ids), default=0)
         shape = (tuple(sorted(engine_options.items())), len(ids), 1 << max(longest - 1, 0)
-                 .bit_length(), max_new_tokens, max_len, sampling.static(self.config.vocab_size))
+                 .bit_length(), max_new_tokens, max_len, sampling.static(self.config.vocab_size),
+                 None if draft is None else draft.key)
         message = None if shape in self._shapes_seen else (
             "compiling for %d prompt(s) of up to %d tokens (or reading the compile cache)")
         with _status(self.verbose), _deferred(message, len(ids), longest) as compiled:
@@ -236,7 +241,7 @@ class LLM:
 
             out = self.engine(**engine_options).generate(
                 ids, max_new_tokens, sampling, seed, self.eos_token_ids, self.pad_token_id,
-                max_len, first_token if on_text is not None else None)
+                max_len, first_token if on_text is not None else None, draft=draft)
         self._shapes_seen.add(shape)
         if streams is not None:
             for row, s in enumerate(streams):
@@ -255,7 +260,8 @@ class LLM:
                 text=text, token_ids=row, prompt_tokens=int(out.prompt_lengths[b]),
                 finish_reason="stop" if out.stopped[b] else "length",
                 prefill_tokens_per_s=out.prefill_tokens_per_s,
-                decode_tokens_per_s=out.decode_tokens_per_s))
+                decode_tokens_per_s=out.decode_tokens_per_s,
+                draft_acceptance=out.acceptance_rate if out.draft_tokens else None))
         return result
 
 

@@ -3,6 +3,7 @@
     python -m jaxllama.generate --prompt "What is the capital of France?"
     python -m jaxllama.generate --prompt "a" --prompt "b" --json --temperature 0.7 --top-p 0.9
     python -m jaxllama.generate --prompt-file long.txt --no-chat --layer-pattern lambda
+    python -m jaxllama.generate --prompt "Repeat: a b c d" --draft ngram --draft-tokens 6
 
 One prompt streams its answer token by token to stdout; several run as one padded batch and print
 when done. `--json` prints one JSON object per prompt instead. The statistics line goes to stderr,
@@ -10,6 +11,10 @@ and so do status lines (loading, building the tokenizer, compiling: one each, fo
 a while) when stderr is a terminal and `--json` is not given, or with `--verbose`. Compiled programs are kept in XLA's persistent cache (see
 `jaxllama.api.compile_cache_dir`), the dequantized embedded model in jaxllama's cache, so a second
 start is much faster than the first.
+
+`--draft` decodes speculatively: `ngram` (prompt lookup, no second model) or a checkpoint of a
+smaller model with the same tokenizer. Greedy output is the same token for token, sampled output
+the same in distribution; the statistics line adds the draft's acceptance rate.
 
 `--dtype` is the weight dtype. On accelerators it is also the compute dtype. On CPU decode always
 computes in float32 (XLA:CPU's bfloat16 matrix-vector products are about 25x slower), from a
@@ -99,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     p.add_argument("--verbose", action="store_true",
                    help="status lines on stderr even with --json or when stderr is not a terminal")
+    p.add_argument("--draft", default=None, metavar="CHECKPOINT|ngram",
+                   help="speculative decoding: 'ngram' (prompt lookup) or a smaller model's "
+                   "checkpoint sharing the tokenizer (same output when greedy)")
+    p.add_argument("--draft-tokens", type=_number(int, 1, name="draft-tokens"), default=4,
+                   help="draft tokens proposed per round (with --draft)")
     p.add_argument("--memory-tokens", default=None, metavar="E:M", type=memory_tokens_arg,
                    help="M memory tokens after every E ordinary tokens (CBHybrid), e.g. 256:8")
     p.add_argument("--memory-token", default="<|memory|>",
@@ -141,13 +151,16 @@ def run(args) -> int:
         sys.stdout.flush()
 
     if args.memory_tokens is not None:
+        if args.draft is not None:
+            raise CliError("--draft and --memory-tokens cannot be combined")
         return _run_with_memory_tokens(args, llm, chat, on_text if stream else None)
+    draft = _draft(args, llm, verbose)
 
     try:
         out = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                            seed=args.seed, chat=chat, system=args.system, max_len=args.max_len,
-                           on_text=on_text if stream else None)
+                           on_text=on_text if stream else None, draft=draft)
     except (GenerationError, SamplingError, ValueError) as e:
         raise CliError(str(e).splitlines()[0]) from None
     for i, c in enumerate(out):
@@ -163,6 +176,32 @@ def run(args) -> int:
     return 0
 
 
+def _draft(args, llm, verbose: bool):
+    """The `--draft` object: an NgramDraft, a ModelDraft of a checkpoint, or None."""
+    from jaxllama.api import from_pretrained
+    from jaxllama.checkpoint import CheckpointError
+    from jaxllama.config import ConfigError
+    from jaxllama.inference.speculative import DraftError, ModelDraft, NgramDraft
+
+    if args.draft is None:
+        return None
+    if args.draft == "ngram":
+        return NgramDraft(tokens=args.draft_tokens)
+    try:
+        small = from_pretrained(args.draft, args.dtype, verbose=verbose)
+    except (CheckpointError, ConfigError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CliError(f"--draft {args.draft}: {msg}") from None
+    if small.config.vocab_size != llm.config.vocab_size:
+        raise CliError(f"--draft {args.draft}: its vocabulary ({small.config.vocab_size} tokens) "
+                       f"differs from the model's ({llm.config.vocab_size}); a draft must share "
+                       "the tokenizer")
+    try:
+        return ModelDraft(small.config, small.params, tokens=args.draft_tokens)
+    except DraftError as e:
+        raise CliError(str(e)) from None
+
+
 def _cpu_without_bfloat16_units() -> bool:
     import jax
 
@@ -174,9 +213,11 @@ def _cpu_without_bfloat16_units() -> bool:
 def _stats(prompts: int, prompt_tokens: int, generated: int, last) -> None:
     """The statistics line on stderr: all prompts' tokens; the rates of `last`, a Completion of
     the last batch run (one batch for plain generation, the last round with memory tokens)."""
+    draft = ("" if getattr(last, "draft_acceptance", None) is None
+             else f", draft acceptance {100 * last.draft_acceptance:.0f}%")
     print(f"[jaxllama] {prompts} prompt(s), {prompt_tokens} prompt tokens, {generated} "
           f"generated: prefill {last.prefill_tokens_per_s:.1f} tok/s, decode "
-          f"{last.decode_tokens_per_s:.1f} tok/s per sequence", file=sys.stderr)
+          f"{last.decode_tokens_per_s:.1f} tok/s per sequence{draft}", file=sys.stderr)
 
 
 def _run_with_memory_tokens(args, llm, chat: bool, on_text) -> int:

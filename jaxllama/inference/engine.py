@@ -18,6 +18,11 @@ callbacks are not kept by JAX's persistent compilation cache, and the CLI's stre
 main use (an unrolled layer loop is slow to compile); the extra cost is one dispatch per streamed
 token, small against a decode step.
 
+Speculative decoding (`generate(..., draft=...)`, `jaxllama.inference.speculative`) runs its own
+on-device loop over the same prefill, first-token step and decode layout: each round checks the
+draft's tokens in one cached call of k + 1 tokens and rolls the caches back through each kind's
+`Rollback` (mixers/spec.py).
+
 Defaults per platform (`engine_defaults`, a pure function of the platform name, tested for each).
 On GPU and TPU both phases compute in the parameter dtype, the cache is in that compute dtype and
 decode uses the params in place (stacked, scanned: no copy of the weights). On CPU decode is bound
@@ -136,6 +141,15 @@ class GenerationOutput:
     prefill_seconds: float
     decode_seconds: float
     compile_seconds: float
+    draft_rounds: int = 0  # speculative decoding: verification rounds run
+    draft_accepted: int = 0  # draft tokens kept over those rounds
+    draft_tokens: int = 0  # draft tokens proposed per round (0: no draft)
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of the proposed draft tokens that were kept (nan without a draft)."""
+        proposed = self.draft_rounds * self.draft_tokens
+        return self.draft_accepted / proposed if proposed else float("nan")
 
     def row(self, b: int) -> list[int]:
         """Generated ids of row b (a final EOS included, padding excluded)."""
@@ -260,7 +274,7 @@ class Engine:
         active = np.ones(state.tok.shape, bool)
         sent = 0
         while True:
-            step = int(state.step)
+            step = min(int(state.step), new)  # a speculative round may run past `new`
             out = np.array(state.out)[:, sent:step]  # a host copy: `state` is donated next
             for j in range(out.shape[1]):
                 on_token(sent + j, out[:, j], active.copy())
@@ -345,11 +359,18 @@ class Engine:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                  sampling: SamplingConfig | None = None, seed: int = 0,
                  eos_ids: Sequence[int] = (), pad_id: int = 0, max_len: int | None = None,
-                 on_token: Callable | None = None) -> GenerationOutput:
+                 on_token: Callable | None = None, draft=None) -> GenerationOutput:
         """Generate up to `max_new_tokens` per prompt (token id lists), stopping a row at any of
         `eos_ids`. `on_token(step, tokens [B], active [B])` is called for every step as soon as
-        it is sampled (`active` is False for rows that had already stopped)."""
+        it is sampled (`active` is False for rows that had already stopped). `draft` (an
+        `NgramDraft` or `ModelDraft`) decodes speculatively: the same tokens when greedy, the
+        same distribution when sampling (`jaxllama.inference.speculative`)."""
         sampling = SamplingConfig() if sampling is None else sampling
+        if draft is not None:
+            from jaxllama.inference import speculative
+
+            return speculative.generate(self, draft, prompts, max_new_tokens, sampling, seed,
+                                        eos_ids, pad_id, max_len, on_token)
         tokens, positions, segment_ids, lengths, new, slots = self.prepare(
             prompts, max_new_tokens, max_len)
         b, bucket = tokens.shape

@@ -18,7 +18,7 @@ from jaxllama.config import AttentionConfig, KernelConfig, ModelConfig
 from jaxllama.kernels.flash_attention.api import Mask, attend
 from jaxllama.layers.basic import Linear
 from jaxllama.layers.rope import apply_rope, rope_for, rotary_dim
-from jaxllama.mixers.spec import HFTensor, MixerSpec
+from jaxllama.mixers.spec import HFTensor, MixerSpec, Rollback
 from jaxllama.parallel.context import context_attend
 from jaxllama.sharding import constrain
 from jaxllama.typing import Hidden, Positions, SegmentIds
@@ -160,6 +160,18 @@ def flops_per_token(cfg: AttentionLayerConfig, seq_len: int) -> float:
     return 2.0 * seq_len * cfg.attention.num_heads * cfg.head_dim
 
 
+def rollback_begin(cache: KVCache, t: int):
+    """Speculative decoding (`Rollback`): the length before a call appending t tokens."""
+    del t
+    return cache, cache.length
+
+
+def rollback_end(cache: KVCache, start, keep) -> KVCache:
+    """Keep the first `keep` appended slots: the rest lie past `length`, where the causal mask
+    hides them as future keys until the next append overwrites them."""
+    return cache.replace(length=start + keep)
+
+
 SPEC = MixerSpec(
     kind="dense",
     module=Attention,
@@ -173,6 +185,7 @@ SPEC = MixerSpec(
     cache_growth="linear",
     hf_tensors=hf_tensors,
     flops_per_token=flops_per_token,
+    rollback=Rollback(rollback_begin, rollback_end),
 )
 
 __all__ = ["SPEC", "Attention", "AttentionLayerConfig", "KVCache", "hf_tensors"]

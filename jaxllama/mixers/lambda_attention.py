@@ -44,7 +44,7 @@ from jaxllama.kernels.flash_attention.api import BEYOND_WINDOW, ExtraColumns, Ma
 from jaxllama.layers.rope import apply_rope
 from jaxllama.mixers.attention import Attention, AttentionLayerConfig
 from jaxllama.mixers.attention import hf_tensors as attention_tensors
-from jaxllama.mixers.spec import MixerSpec
+from jaxllama.mixers.spec import MixerSpec, Rollback
 from jaxllama.parallel.context import SEQ_AXIS
 from jaxllama.parallel.halo import halo_lambda_attend
 from jaxllama.sharding import mesh_axis_size
@@ -255,6 +255,41 @@ def flops_per_token(cfg: LambdaAttentionConfig, seq_len: int) -> float:
     return 2.0 * (window + sinks) / t * cfg.attention.num_heads * cfg.head_dim
 
 
+def rollback_begin(cache: LambdaCache, t: int):
+    """Speculative decoding (`Rollback`): before a call appending t <= L tokens, save the t ring
+    slots it will overwrite (slots length .. length+t-1, at s % L), the length and first_slot."""
+    w = cache.ring_k.shape[1]
+    if t > w:
+        raise ValueError(f"lambda layers undo at most window={w} tokens; a speculative step "
+                         f"appends {t} (fewer draft tokens, or a larger model.lambda.window)")
+    at = (cache.length + jnp.arange(t)) % w
+    return cache, (cache.length, cache.first_slot, cache.ring_k[:, at], cache.ring_v[:, at],
+                   cache.ring_segment_ids[:, at])
+
+
+def rollback_end(cache: LambdaCache, saved, keep) -> LambdaCache:
+    """Keep the first `keep` of the t appended slots: the ring slots of the rejected ones get
+    their old entries back, and sinks written for them are hidden (segment id 0) until those
+    slots are appended again. O(t + G) per call."""
+    start, first_slot, old_k, old_v, old_seg = saved
+    t, w, g = old_k.shape[1], cache.ring_k.shape[1], cache.sink_k.shape[1]
+    at = (start + jnp.arange(t)) % w
+    rejected = jnp.arange(t) >= keep  # [t]
+
+    def put_back(ring, old):
+        sel = rejected.reshape((1, t) + (1,) * (ring.ndim - 2))
+        return ring.at[:, at].set(jnp.where(sel, old, ring[:, at]))
+
+    # a row whose first real token came in this call keeps it only if that token was kept
+    first_slot = jnp.where(cache.first_slot < start + keep, cache.first_slot, first_slot)
+    sink_slot = first_slot[:, None] + jnp.arange(g)[None, :]  # [B G]; NO_SLOT rows are empty
+    return cache.replace(
+        ring_k=put_back(cache.ring_k, old_k), ring_v=put_back(cache.ring_v, old_v),
+        ring_segment_ids=put_back(cache.ring_segment_ids, old_seg),
+        sink_segment_ids=jnp.where(sink_slot >= start + keep, 0, cache.sink_segment_ids),
+        first_slot=first_slot, length=start + keep)
+
+
 SPEC = MixerSpec(
     kind="lambda",
     module=LambdaAttention,
@@ -269,6 +304,7 @@ SPEC = MixerSpec(
     cache_growth="constant",
     hf_tensors=attention_tensors,  # dense attention's weights: only the mask differs
     flops_per_token=flops_per_token,
+    rollback=Rollback(rollback_begin, rollback_end),
 )
 
 __all__ = ["SPEC", "LambdaAttention", "LambdaAttentionConfig", "LambdaCache", "segment_offsets"]

@@ -30,6 +30,43 @@ class HFTensor:
 
 
 @dataclass(frozen=True)
+class Rollback:
+    """Undo the last tokens of a cached call: what speculative decoding needs of a cache.
+
+    A verification step appends t tokens (the pending token and t - 1 draft tokens) in one cached
+    call, then keeps only the first `keep` of them (1 <= keep <= t; the rest were rejected). The
+    engine brackets that call with the two functions, per layer (vmapped over a run's layer axis):
+
+        cache, saved = rollback.begin(cache, t)      # before the call; t is a Python int
+        ... y, cache = mixer(x [B t D], positions, cache, segment_ids) ...
+        cache = rollback.end(cache, saved, keep)     # keep: a traced int32 scalar
+
+    The contract: the cache `end` returns is equivalent to one that was given only the first
+    `keep` tokens (a later call computes the same outputs from it). `keep` is the same for every
+    row of the batch. `begin` may return a different cache pytree (e.g. one with extra per-step
+    buffers) that the mixer's cached call fills; `end` must return the cache's own class and
+    shapes again. Both run inside the jitted decode loop, so they cost per step: they should be
+    O(t) in time and memory, never O(cache length). `begin` raises ValueError (one line naming
+    the limit) when t is more than the kind can undo.
+
+    - attention caches (dense): `begin` saves the length, `end` sets it to start + keep (the
+      slots past it are masked as future keys and overwritten by the next append);
+    - a ring buffer (lambda): `begin` saves the t slots the call will overwrite (t <= window),
+      `end` puts back those of the rejected tokens and hides sinks written for them;
+    - a constant-state recurrence (Mamba-style SSM, conv state): storing every state of the
+      sequence is not needed. Either `begin` returns the cache with a per-step buffer for this
+      window only ([B t ...]: the t + 1 states the scan passes through, constant in sequence
+      length) that the cached call fills, and `end` picks state `keep` from it; or `begin` saves
+      the state before the window, the call records the window's per-step scan inputs (e.g. the
+      discretised A and B x, parameter-free), and `end` re-runs the first `keep` steps of the
+      recurrence from the saved state.
+    """
+
+    begin: Callable[[Any, int], tuple[Any, Any]]
+    end: Callable[[Any, Any, Any], Any]
+
+
+@dataclass(frozen=True)
 class MixerSpec:
     """A layer kind: its module, cache and sub-config, capabilities, HF tensors and FLOPs.
 
@@ -52,6 +89,8 @@ class MixerSpec:
       in another form (MLA's absorbed W_UK / W_UV), built once by
       `inference.decode.decode_weights`, not per step; leading (layer) axes pass through.
       None: decode reads the params as they are.
+    - `rollback`: how speculative decoding undoes rejected tokens (`Rollback`; None: the kind
+      cannot be speculated on, and the engine refuses a draft for a model that has it).
     """
 
     kind: str
@@ -68,10 +107,11 @@ class MixerSpec:
     flops_per_token: Callable[[Any, int], float]
     prefill_chunk: Callable[[Any, int], int] | None = None
     decode_params: Callable[[Any, dict], dict] | None = None
+    rollback: Rollback | None = None
 
     def config(self, model_cfg) -> Any:
         """The sub-config the mixer of this kind is built with."""
         return self.config_cls.from_model(model_cfg)
 
 
-__all__ = ["HFTensor", "MixerSpec"]
+__all__ = ["HFTensor", "MixerSpec", "Rollback"]
