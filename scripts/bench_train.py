@@ -193,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             r, err = None, f"timeout after {args.timeout}s"
         attn = {"ring": "ring (zigzag)", "none": "plain" if c["devices"] == 1 else "XLA-sharded"}
-        head = (f"| {c['seq'] // 1024}K | {c['devices']} | {attn[c['cp']]} | "
+        if c["cp"] == "ring" and "lambda" in c["pattern"]:
+            attn["ring"] = "ring (zigzag) + lambda halo"
+        size = f"{c['seq'] // 1024}K" if c["seq"] % 1024 == 0 else str(c["seq"])
+        head = (f"| {size} | {c['devices']} | {attn[c['cp']]} | "
                 f"{'chunked' if c['loss_chunk'] else 'full logits'} |")
         if r is None:
             print(f"{head} {err} | | | | | | |", flush=True)

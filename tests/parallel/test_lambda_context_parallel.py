@@ -99,15 +99,15 @@ def test_lambda_memory_per_device_does_not_grow_with_total_length():
 
 
 def test_hybrid_dense_lambda_train_step_seq_sharded():
-    """Dense (ring) + lambda (halo) layers in one model on a seq axis of 8 (chunks of 2 tokens, so
-    the window of 6 spans three chunks), fed the zigzag layout: loss, gradients and the AdamW
-    update equal one device's."""
+    """Dense (ring) + lambda (halo) layers in one model on a data x seq = 2 x 4 mesh (chunks of 4
+    tokens, so the window of 6 spans two chunks), fed the zigzag layout: loss, gradients and the
+    AdamW update equal one device's."""
     cfg = CFG.replace(layer_pattern=("dense", "lambda"),
                       lambda_=LambdaConfig(global_tokens=3, window=6))
     ref, _ = _grads_and_update(make_mesh({}, jax.devices()[:1]), REFERENCE_BATCH, cfg,
                                loss_chunk=8)
-    batch = {k: to_zigzag(a, 8) for k, a in REFERENCE_BATCH.items()}
-    got, _ = _grads_and_update(make_mesh({"data": 1, "seq": 8}), batch,
+    batch = {k: to_zigzag(a, 4) for k, a in REFERENCE_BATCH.items()}
+    got, _ = _grads_and_update(make_mesh({"data": 2, "seq": 4}), batch,
                                cfg.replace(kernels=KernelConfig(context_parallel="ring")),
                                loss_chunk=8)
     (l0, n0, g0, p0), (l1, n1, g1, p1) = ref[:4], got[:4]
