@@ -23,7 +23,9 @@ Windowing (every call, with or without a cache, splits its T tokens the referenc
     new token's RoPE position restarts at 0.
 So a whole prompt in one call computes what the reference's `LongLlamaForCausalLM(input_ids)`
 computes, and the engine feeds FoT prompts whole (`SPEC.prefill_chunk`). Chunked prefill and
-decode equal a full forward while nothing leaves the window (the contract test).
+decode equal a full forward while nothing leaves the window (the contract test). The split is
+the same for every row of a batch: a row shorter than the longest is left-padded, so its windows
+start inside the padding (exact reference windows: one prompt length per batch).
 
 Capacities. The local window holds min(max(W, last_context_length), max_len) entries and the
 memory of a `fot` layer max_len slots (a sequence of max_len tokens never holds more). Writes past

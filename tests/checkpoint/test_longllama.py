@@ -14,7 +14,7 @@ from jaxllama import from_pretrained
 from jaxllama.checkpoint import CheckpointError, load_checkpoint, save_hf
 from jaxllama.checkpoint.hf_config import config_from_hf, config_to_hf
 from jaxllama.config import load_model_config
-from jaxllama.model import init_params
+from jaxllama.model import init_params, unstack
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "longllama-tiny"
@@ -91,3 +91,17 @@ def test_export_refuses_a_layer_of_another_kind():
     cfg = cfg.replace(layer_pattern=("dense",) + cfg.layer_pattern[1:])
     with pytest.raises(CheckpointError, match=r"LongLLaMA export: layer 0 is a dense layer"):
         config_to_hf(cfg)
+
+
+def test_any_llama_becomes_fot_by_override():
+    """A Llama checkpoint with `model.layer_pattern=...` of FoT kinds: the same weights, and a
+    `fot` section built from the trained context when none is given."""
+    llama = ROOT / "tests" / "fixtures" / "lm-infinite-tiny"
+    dense = load_checkpoint(str(llama))
+    fot = load_checkpoint(str(llama), overrides=["model.layer_pattern=fot_local,fot,fot_local"])
+    assert fot.config.layer_pattern == ("fot_local", "fot", "fot_local")
+    assert fot.config.fot.last_context_length == dense.config.max_position_embeddings // 2
+    layers = zip(unstack(fot.config, fot.params), unstack(dense.config, dense.params), strict=True)
+    for got, want in [*layers, (fot.params["embed"], dense.params["embed"])]:
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
