@@ -46,7 +46,8 @@ from jaxllama.kernels.flash_attention import decode as mla_decode
 from jaxllama.kernels.flash_attention.api import Mask, attend
 from jaxllama.layers.basic import Linear, RMSNorm, default_init
 from jaxllama.layers.rope import apply_rope, apply_rope_interleaved, rope_for
-from jaxllama.mixers.spec import HFTensor, MixerSpec
+from jaxllama.mixers.attention import rollback_begin, rollback_end
+from jaxllama.mixers.spec import HFTensor, MixerSpec, Rollback
 from jaxllama.parallel.ring_mla import mla_context_attend
 from jaxllama.sharding import constrain
 from jaxllama.typing import Hidden, Positions, SegmentIds
@@ -371,6 +372,8 @@ SPEC = MixerSpec(
     hf_tensors=hf_tensors,
     flops_per_token=flops_per_token,
     decode_params=decode_params,
+    # a latent cache rolls back as an attention cache does: by length (slots past it are future)
+    rollback=Rollback(rollback_begin, rollback_end),
 )
 
 __all__ = ["SPEC", "MLACache", "MLAttention", "MLAttentionConfig", "absorbed_weights",

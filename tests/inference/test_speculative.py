@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 
 from jaxllama import AttentionConfig, ModelConfig, RopeConfig, init_params
-from jaxllama.config import LambdaConfig
+from jaxllama.config import (
+    KIND_FIELDS,
+    FoTConfig,
+    LambdaConfig,
+    Mamba2Config,
+    MambaConfig,
+    MLAConfig,
+)
 from jaxllama.inference.engine import Engine, GenerationError
 from jaxllama.inference.sampling import SamplingConfig
 from jaxllama.inference.speculative import (
@@ -21,6 +28,7 @@ from jaxllama.inference.speculative import (
     ModelDraft,
     NgramDraft,
     accept_sampled,
+    check_rollback,
     ngram_propose,
 )
 from jaxllama.mixers import REGISTRY
@@ -102,13 +110,31 @@ def test_greedy_draft_streams_and_stops_at_eos(setup):
         np.testing.assert_array_equal(streamed[b, :out.lengths[b]], out.row(b))
 
 
-@pytest.mark.parametrize("kind", sorted(REGISTRY))
+# The kinds whose spec has a rollback; the others are refused in one line (the test after this).
+# Attention-family caches that roll back by length or slot must keep doing so.
+WITH_ROLLBACK = sorted(k for k, s in REGISTRY.items() if s.rollback is not None)
+WITHOUT_ROLLBACK = sorted(set(REGISTRY) - set(WITH_ROLLBACK))
+# sub-configs (by ModelConfig field) of kinds beyond dense and lambda on the tiny model
+SUB_CONFIGS = {"attention": {}, "lambda_": {},
+               "mla": {"mla": MLAConfig(num_heads=4, num_kv_heads=2, q_lora_rank=16,
+                                        kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                        v_head_dim=6)},
+               "fot": {"fot": FoTConfig(last_context_length=16)},
+               "mamba": {"mamba": MambaConfig(state_size=4)},
+               "mamba2": {"mamba2": Mamba2Config(head_dim=8, state_size=4)}}
+
+
+def test_attention_kinds_keep_their_rollback():
+    assert {"dense", "lambda", "mla"} <= set(WITH_ROLLBACK)
+
+
+@pytest.mark.parametrize("kind", WITH_ROLLBACK)
 def test_rollback_equals_never_appending(kind):
-    """Every registered kind: append 1 + 4 tokens, roll back to `keep`, append the next token ==
-    append the first `keep` tokens, then that token (outputs and the next call's output)."""
+    """Every kind with a rollback: append 1 + 4 tokens, roll back to `keep`, append the next
+    token == append the first `keep` tokens, then that token (outputs and the next call's
+    output)."""
     spec = REGISTRY[kind]
-    assert spec.rollback is not None, f"{kind}: the spec has no rollback (mixers/spec.py)"
-    cfg = tiny((kind,))
+    cfg = tiny((kind,), **SUB_CONFIGS[KIND_FIELDS[kind]])
     sub = spec.config(cfg)
     module = spec.module(cfg=sub)
     x = jax.random.normal(jax.random.key(0), (2, 14, 32))
@@ -134,6 +160,14 @@ def test_rollback_equals_never_appending(kind):
         got, _ = feed(cache, nxt, nxt + 1)
         want, _ = feed(base, 8, nxt + 1)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", WITHOUT_ROLLBACK)
+def test_a_kind_without_rollback_refuses_a_draft_in_one_line(kind):
+    """A model using a kind that cannot undo tokens is refused before anything runs."""
+    with pytest.raises(DraftError, match=rf"^speculative decoding: {kind} layers \(layer 1 of "
+                                         r"the model\) cannot undo rejected tokens"):
+        check_rollback(tiny(("dense", kind), **SUB_CONFIGS[KIND_FIELDS[kind]]))
 
 
 def test_lambda_rollback_refuses_a_step_longer_than_the_window():
