@@ -28,7 +28,7 @@ def _source_dtype(path: str | None) -> str:
     from jaxllama.checkpoint import checkpoint_format, default_checkpoint, resolve_checkpoint
     path = resolve_checkpoint(path) if path else default_checkpoint()
     fmt = checkpoint_format(path)
-    if fmt == "hf":
+    if fmt in ("hf", "zebra"):  # zebra: the teacher config.json it keeps
         try:
             raw = json.loads((Path(path) / "config.json").read_text())
         except (OSError, ValueError):

@@ -34,8 +34,10 @@ def default_checkpoint() -> str:
 
 
 def checkpoint_format(path: str | os.PathLike) -> str:
-    """"hf", "gguf" or "orbax" for an existing checkpoint path; a one-line error otherwise."""
+    """"hf", "gguf", "orbax" or "zebra" (the Zebra-Llama reference format: config.json +
+    hybrid_config.json) for an existing checkpoint path; a one-line error otherwise."""
     from jaxllama.checkpoint.orbax import is_orbax_dir
+    from jaxllama.checkpoint.zebra import is_zebra_dir
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
@@ -48,6 +50,8 @@ def checkpoint_format(path: str | os.PathLike) -> str:
                               "or .gguf files)")
     if is_orbax_dir(p):
         return "orbax"
+    if is_zebra_dir(p):  # before HF: its config.json is the teacher's Llama one
+        return "zebra"
     if is_hf_dir(p):
         return "hf"
     raise CheckpointError(f"{p}: neither an HF directory (config.json) nor a jaxllama orbax "
@@ -72,6 +76,9 @@ def load_checkpoint(path: str | os.PathLike | None, dtype: str = "float32",
     if fmt == "orbax":
         from jaxllama.checkpoint.orbax import load_orbax
         return load_orbax(path, dtype, overrides)
+    if fmt == "zebra":
+        from jaxllama.checkpoint.zebra_model import load_zebra
+        return load_zebra(path, dtype, overrides)
     return load_hf(path, dtype, overrides)
 
 

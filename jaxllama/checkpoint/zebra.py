@@ -13,8 +13,8 @@ and the published amd/Zebra-Llama-* checkpoints) holds:
 This module works at the level of files, configs and tensor names only: `ZebraLayout` is the
 plain description of such a checkpoint (what the MLA and Mamba2 mixers are built from, and the
 name and shape of every tensor), `read_zebra` / `write_zebra` read and write the directory. It
-builds no `ModelConfig`: mapping the description onto the `mla` / `mamba2` layer kinds belongs to
-those kinds. `ssm_layer: mamba` (our extension, not read by the reference loaders) marks the
+builds no `ModelConfig`: `checkpoint/zebra_model.py` maps the description onto the `mla` /
+`mamba2` layer kinds (config, tensor names, load, export). `ssm_layer: mamba` (our extension, not read by the reference loaders) marks the
 Mamba-in-the-Llama Mamba1 variant written by `hybridize --ssm mamba`, with MambaInLlama's names.
 """
 

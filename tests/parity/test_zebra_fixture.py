@@ -13,7 +13,9 @@ depends on this set's values beyond what its files and README give.
   parts only by shape and by the ranges of the reference's draws.
 - Logits, per-layer hidden states, greedy generation with step logits and the prefill caches
   need the `mla` and `mamba2` layer kinds: those tests skip while the kinds are not registered
-  and run as soon as they are.
+  and run as soon as they are. The hybrid loads through `load_checkpoint` (format "zebra"), and
+  its loaded params exported back (`zebra_model.save_zebra`) equal the reference's file bit for
+  bit.
 """
 
 from __future__ import annotations
@@ -253,21 +255,23 @@ def test_logits_and_hidden_states(loaded):
 
 
 def _prefill_and_decode(cfg, params, prompt, steps):
+    import jax
     import jax.numpy as jnp
 
     from jaxllama.model import Transformer, init_cache
     model = Transformer(cfg)
+    apply = jax.jit(model.apply)  # two compiles (prompt, one token) instead of eager steps
     b, t = prompt.shape
     cache = init_cache(cfg, b, t + steps, jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), prompt.shape)
-    logits, cache = model.apply({"params": params}, prompt, pos, cache)
+    logits, cache = apply({"params": params}, prompt, pos, cache)
     prefill_cache = cache
     rows, ids = [np.asarray(logits[:, -1])], []
     for step in range(steps - 1):
         nxt = jnp.argmax(jnp.asarray(rows[-1]), axis=-1).astype(jnp.int32)[:, None]
         ids.append(np.asarray(nxt[:, 0]))
         p = jnp.full((b, 1), t + step, jnp.int32)
-        logits, cache = model.apply({"params": params}, nxt, p, cache)
+        logits, cache = apply({"params": params}, nxt, p, cache)
         rows.append(np.asarray(logits[:, -1]))
     ids.append(np.argmax(rows[-1], axis=-1))
     return np.stack(ids, 1), np.stack(rows, 1), prefill_cache
@@ -325,3 +329,20 @@ def test_prefill_caches(loaded, generated):
                                    err_msg=f"layer {layer} conv state")
         np.testing.assert_allclose(np.asarray(c.ssm), ssm[j], rtol=0, atol=1e-4,
                                    err_msg=f"layer {layer} ssm state")
+
+
+def test_loaded_params_export_back_bit_identical(loaded, tmp_path):
+    """from_pretrained's params written back in the reference format: the same tensor names,
+    shapes and float32 values as the reference's own file, and the same configs."""
+    from jaxllama.checkpoint import checkpoint_format
+    from jaxllama.checkpoint.zebra_model import save_zebra
+    layout, _ = read_zebra(FIXTURE / "hybrid")
+    out = save_zebra(layout, loaded.config, loaded.params, tmp_path / "out")
+    assert checkpoint_format(out) == "zebra"
+    ref = load_file(FIXTURE / "hybrid" / "model.safetensors")
+    got = load_file(Path(out) / "model.safetensors")
+    assert set(got) == set(layout.tensor_shapes()) == set(ref)  # safetensors sorts names
+    for name, a in ref.items():
+        np.testing.assert_array_equal(got[name], a, err_msg=name)
+    again, _ = read_zebra(out)
+    assert again == layout
