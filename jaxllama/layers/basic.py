@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -103,7 +103,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         d, f = self.hidden_size, self.intermediate_size
         gate = Linear((d,), (f,), ("embed", "mlp"), name="gate", **kw)(x)
         up = Linear((d,), (f,), ("embed", "mlp"), name="up", **kw)(x)

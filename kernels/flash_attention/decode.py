@@ -36,7 +36,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-
 from jaxllama.kernels import _dispatch
 from jaxllama.kernels._common import F32, NEG_INF, cdiv, pad_to, round_up
 

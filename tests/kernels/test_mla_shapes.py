@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_test_base import KernelTestBase, fresh_normal
-
-from jaxllama.config import KernelConfig, MLAConfig
 from jaxllama.kernels.flash_attention import decode
 from jaxllama.kernels.flash_attention.api import Mask
 from jaxllama.kernels.flash_attention.reference import attend_naive
+from kernel_test_base import KernelTestBase, fresh_normal
+
+from jaxllama.config import KernelConfig, MLAConfig
 from jaxllama.mixers.mla_attention import MLACache, MLAttention, MLAttentionConfig
 
 

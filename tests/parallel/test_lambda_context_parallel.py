@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxllama.kernels.flash_attention.api import BEYOND_WINDOW, ExtraColumns, Mask, attend
 
 from jaxllama.config import KernelConfig, LambdaConfig
-from jaxllama.kernels.flash_attention.api import BEYOND_WINDOW, ExtraColumns, Mask, attend
 from jaxllama.mixers.lambda_attention import segment_offsets
 from jaxllama.parallel import from_zigzag, to_zigzag
 from jaxllama.parallel.halo import halo_lambda_attend
