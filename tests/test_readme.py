@@ -13,7 +13,7 @@ with SmolLM2's tokenizer (the factory of conftest.py), so that a line costs seco
   the model, or spawning processes): the flags parse and pass the script's own checks;
 - `pip install ...`: not run; the extras named exist in pyproject.toml, a pinned `--no-deps`
   package is installed at that version, and the set-up line installs no test extra;
-- `python -m pytest -q tests`: the line appears verbatim in .ci/run (which runs it);
+- `python -m pytest -q -n 2 tests`: the line appears verbatim in .ci/run (which runs it);
 - a ```python block: executed.
 The real embedded model's answer ("Paris") is checked by tests/test_generate_cli.py.
 """
@@ -196,5 +196,5 @@ def test_readme_python_block(block, workdir):
 
 def test_readme_has_the_lines_this_test_knows():
     assert len(LINES) >= 15 and PYTHON
-    assert any("python -m pytest -q tests" in x for x in LINES)
+    assert any("python -m pytest -q -n 2 tests" in x for x in LINES)
     assert any(x.startswith("pip install -e . ") for x in LINES)
