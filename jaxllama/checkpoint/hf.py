@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,16 @@ def _dtype_name(params: dict) -> str:
 def _write_shards(cfg: ModelConfig, params: dict, out: Path, max_shard_bytes: int,
                   specs=None) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + an index past `max_shard_bytes`."""
+    tensors = export_tensors(cfg, params, specs)
+    bar = tqdm(tensors, total=len(specs or tensor_specs(cfg)), desc="writing", unit="tensor", disable=None,
+               leave=False)
+    write_safetensors(bar, out, max_shard_bytes)
+
+
+def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], out: Path,
+                      max_shard_bytes: int) -> None:
+    """(name, array) pairs into `out` as model.safetensors, or as model-0000i-of-0000n.safetensors
+    shards plus model.safetensors.index.json once they pass `max_shard_bytes` (HF's layout)."""
     shards: list[list[str]] = []
     total = 0
     current: dict[str, np.ndarray] = {}
@@ -161,10 +172,7 @@ def _write_shards(cfg: ModelConfig, params: dict, out: Path, max_shard_bytes: in
             shards.append(list(current))
             current, size = {}, 0
 
-    tensors = export_tensors(cfg, params, specs)
-    bar = tqdm(tensors, total=len(specs or tensor_specs(cfg)), desc="writing", unit="tensor", disable=None,
-               leave=False)
-    for name, a in bar:
+    for name, a in tensors:
         if current and size + a.nbytes > max_shard_bytes:
             flush()
         current[name] = a

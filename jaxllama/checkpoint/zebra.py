@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from jaxllama.checkpoint.base import CheckpointError, atomic_output_dir
 
@@ -402,40 +401,19 @@ def write_zebra(out_dir: str | os.PathLike, layout: ZebraLayout,
     the tokenizer, atomically. Names and shapes are checked against the layout as they come."""
     want = layout.tensor_shapes()
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        shards: list[list[str]] = []
-        current: dict[str, np.ndarray] = {}
-        size, total, seen = 0, 0, {}
+        from jaxllama.checkpoint.hf import write_safetensors  # hf imports the package: on use
+        seen: dict[str, tuple[int, ...]] = {}
 
-        def flush():
-            nonlocal current, size
-            if current:
-                save_file(current, str(tmp / f"shard-{len(shards):05d}.tmp"),
-                          metadata={"format": "pt"})
-                shards.append(list(current))
-                current, size = {}, 0
+        def checked():
+            for name, a in tensors:
+                a = np.ascontiguousarray(a)
+                seen[name] = a.shape
+                if name not in want:
+                    raise CheckpointError(f"{name}: not a tensor of this layout")
+                yield name, a
 
-        for name, a in tensors:
-            a = np.ascontiguousarray(a)
-            seen[name] = a.shape
-            if name not in want:
-                raise CheckpointError(f"{name}: not a tensor of this layout")
-            if current and size + a.nbytes > max_shard_bytes:
-                flush()
-            current[name] = a
-            size += a.nbytes
-            total += a.nbytes
-        flush()
+        write_safetensors(checked(), tmp, max_shard_bytes)
         check_tensor_names(layout, seen, str(out_dir))
-        if len(shards) == 1:
-            os.rename(tmp / "shard-00000.tmp", tmp / SINGLE)
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards):
-                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                os.rename(tmp / f"shard-{i:05d}.tmp", tmp / final)
-                weight_map.update({n: final for n in names})
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                                 "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(layout.llama_config(), indent=2))
         (tmp / HYBRID_CONFIG).write_text(json.dumps(layout.hybrid_config(), indent=4))
         if generation_config:
