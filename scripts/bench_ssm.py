@@ -3,9 +3,9 @@ sequence lengths, Mamba2 (`ssd_scan`) and Mamba1 (`selective_scan`).
 
 Forms: `sequential` (reference.ssd_sequential / selective_sequential, the lax.scan specification),
 `chunked` (the chunked SSD, the `xla` implementation; the chunked associative scan, which `xla`
-runs for Mamba1 off CPU), and `pallas` (the
-platform's own kernels, `pallas_gpu` or `pallas_tpu`, Mamba2 only; skipped on CPU, where they run
-only in the interpreter, which times nothing useful).
+runs for Mamba1 off CPU), and `pallas` (the platform's own kernels, `pallas_gpu` or `pallas_tpu`:
+the SSD kernels for Mamba2, the sequential selective-scan kernels for Mamba1; skipped on CPU,
+where they run only in the interpreter, which times nothing useful).
 
   python scripts/bench_ssm.py                    # GPU/TPU: Mamba2-2.7B / Mamba-2.8B layer sizes,
                                                  #   S 4K, 16K, 64K, bf16
@@ -29,8 +29,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from jaxllama.kernels.ssm_scan import heuristics, reference
-from jaxllama.kernels.ssm_scan.api import ssd_scan
+from jaxllama.kernels.ssm_scan.api import selective_scan, ssd_scan
 
 FORMS = ("sequential", "chunked", "pallas")
 KINDS = ("mamba2", "mamba1")
@@ -58,11 +59,11 @@ def scan_fn(kind: str, form: str, args):
     """fn(**inputs) -> (y, final) for one (kind, form), or a string saying why it does not run."""
     plat = jax.default_backend()
     if form == "pallas":
-        if kind == "mamba1":
-            return "no Mamba1 kernel yet"
         if plat not in ("gpu", "tpu"):
             return f"not run ({plat}: the kernels run natively on GPU/TPU only)"
         impl = f"pallas_{plat}"
+        if kind == "mamba1":  # --chunk: the kernels' checkpoint spacing
+            return lambda **a: selective_scan(**a, chunk_size=args.chunk, implementation=impl)
         return lambda **a: ssd_scan(**a, chunk_size=args.chunk, implementation=impl)
     if form == "sequential":
         return (lambda **a: reference.ssd_sequential(**a)) if kind == "mamba2" else (
@@ -103,7 +104,8 @@ def parse_args(argv):
     p.add_argument("--state", type=int, default=128 if native else 32, help="Mamba2 d_state")
     p.add_argument("--groups", type=int, default=1)
     p.add_argument("--chunk", type=int, default=None,
-                   help="Mamba2 chunk (default: each implementation's heuristics.py choice)")
+                   help="Mamba2 chunk, or the Mamba1 kernels' checkpoint spacing (default: each "
+                   "implementation's heuristics.py choice)")
     p.add_argument("--d-inner", type=int, default=5120 if native else 256, help="Mamba1 width")
     p.add_argument("--mamba1-state", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16" if native else "float32",

@@ -6,9 +6,8 @@ on CPU the sequential recurrence, which is faster there: heuristics.py);
 `pallas_interpret` runs the GPU kernel bodies in the Pallas interpreter (CPU tests); `pallas_gpu`
 and `pallas_tpu` are the Triton and Mosaic TPU kernels; `auto` picks `pallas_gpu` on GPUs,
 `pallas_tpu` on TPUs and `xla` elsewhere, logged once. A named implementation never falls back: it
-raises `UnavailableImplementation` when it cannot run here. An implementation that has no kernel
-for one of the two forms (see `Kernels`) raises for that form when named, and `auto` runs `xla`
-for it (logged once).
+raises `UnavailableImplementation` when it cannot run here. Every implementation has both forms
+(the Mamba1 kernels: pallas_selective.py).
 
 Both return (y, final_state): the final state float32, for chunked prefill, the prefill-to-decode
 handoff and sequence parallelism (jaxllama/parallel/ssm_sequence.py); `initial_state` continues a
@@ -17,24 +16,21 @@ scan from a previous piece. Semantics, segments included: reference.py's module 
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 from jaxllama.kernels import _dispatch
 from jaxllama.kernels._dispatch import IMPLEMENTATIONS, UnavailableImplementation
 
-log = logging.getLogger("jaxllama.kernels")
-_logged: set[str] = set()
-
 
 class Kernels(NamedTuple):
     """One implementation's two forms: ssd(x, dt, A, B, C, D, initial_state, segment_ids,
-    chunk_size) and selective(u, delta, A, B, C, D, initial_state, segment_ids) (None: this
-    implementation has no Mamba1 kernel), plus its default chunk for a length."""
+    chunk_size) and selective(u, delta, A, B, C, D, initial_state, segment_ids, chunk_size), plus
+    each one's default chunk for a length (None: the form takes no chunk, e.g. `xla`'s Mamba1)."""
 
     ssd: object
-    selective: object | None
+    selective: object
     ssd_chunk: object
+    selective_chunk: object
 
 
 def _load_xla():
@@ -46,28 +42,30 @@ def _load_xla():
             return reference.ssd_sequential(x, dt, A, B, C, D, h0, seg)
         return reference.ssd_chunked(x, dt, A, B, C, D, h0, seg, chunk)
 
-    def selective(u, delta, A, B, C, D, h0, seg):
+    def selective(u, delta, A, B, C, D, h0, seg, chunk):
         if u.shape[1] == 1 or heuristics.reference_selective_sequential(_dispatch.platform()):
             return reference.selective_sequential(u, delta, A, B, C, D, h0, seg)
-        chunk = heuristics.reference_selective_chunk(u.shape[1])
         return reference.selective_chunked(u, delta, A, B, C, D, h0, seg, chunk)
 
-    return Kernels(ssd, selective, heuristics.reference_ssd_chunk)
+    return Kernels(ssd, selective, heuristics.reference_ssd_chunk,
+                   heuristics.reference_selective_chunk)
 
 
 def _load_gpu(interpret: bool):
     def load():
         from jaxllama.kernels.ssm_scan import heuristics, pallas_gpu
 
-        return Kernels(pallas_gpu.ssd_fn(interpret), None, heuristics.gpu_ssd_chunk)
+        return Kernels(pallas_gpu.ssd_fn(interpret), pallas_gpu.selective_fn(interpret),
+                       heuristics.gpu_ssd_chunk, heuristics.selective_chunk)
     return load
 
 
 def _load_tpu():
     from jaxllama.kernels.ssm_scan import heuristics, pallas_tpu
 
-    return Kernels(pallas_tpu.ssd_fn(_dispatch.tpu_interpret_params()), None,
-                   heuristics.tpu_ssd_chunk)
+    interpret = _dispatch.tpu_interpret_params()
+    return Kernels(pallas_tpu.ssd_fn(interpret), pallas_tpu.selective_fn(interpret),
+                   heuristics.tpu_ssd_chunk, heuristics.selective_chunk)
 
 
 _dispatch.register(
@@ -142,26 +140,21 @@ def _check_selective(u, delta, A, B, C, D, initial_state, segment_ids):
 
 
 def selective_scan(u, delta, A, B, C, *, D=None, initial_state=None, segment_ids=None,
-                   implementation: str = "auto"):
+                   chunk_size: int | None = None, implementation: str = "auto"):
     """Mamba1's scan: u, delta [B S D] (delta already softplus(dt + bias)), A [D N] (negative),
     B, C [B S G N] (D a multiple of G; G = 1 is plain Mamba1), D None | [D], initial_state
     None | [B D N] float32, segment_ids None | [B S] int (0: padding).
 
     Returns (y [B S D] in u.dtype, final_state [B D N] float32); differentiable in every float
-    input."""
+    input. `chunk_size` overrides the implementation's heuristic: the associative scan's chunk
+    (`xla` off CPU; on CPU `xla` runs the sequential recurrence and ignores it) or the Pallas
+    kernels' checkpoint spacing (tuning and tests)."""
     _check_selective(u, delta, A, B, C, D, initial_state, segment_ids)
-    chosen, kernels = _dispatch.implementation("ssm_scan", implementation)
-    if kernels.selective is None:
-        if implementation != "auto":
-            raise UnavailableImplementation(
-                f"ssm_scan implementation {chosen!r} has no Mamba1 (selective_scan) kernel; "
-                "use 'xla' or 'auto'")
-        if chosen not in _logged:
-            _logged.add(chosen)
-            log.info("selective_scan: 'auto' chose %r, which has no Mamba1 kernel; runs 'xla'",
-                     chosen)
-        kernels = _dispatch.implementation("ssm_scan", "xla")[1]
-    return kernels.selective(u, delta, A, B, C, D, initial_state, segment_ids)
+    _, kernels = _dispatch.implementation("ssm_scan", implementation)
+    chunk = kernels.selective_chunk(u.shape[1]) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"selective_scan: chunk_size must be positive, got {chunk_size}")
+    return kernels.selective(u, delta, A, B, C, D, initial_state, segment_ids, chunk)
 
 
 __all__ = ["IMPLEMENTATIONS", "UnavailableImplementation", "selective_scan", "ssd_scan"]

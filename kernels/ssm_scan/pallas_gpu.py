@@ -15,6 +15,10 @@ glue, shared with every implementation), and JAX differentiates that glue; each 
 the B/C group of its head through the index map (ngroups without repeats); dB and dC leave per head
 and are summed over the heads of a group in XLA.
 
+Mamba1 (`selective_scan`): `selective_fn` runs pallas_selective.py's kernels with this backend
+(`jaxllama_selective_{fwd,bwd}_gpu`: a sequential scan per channel block, chunk checkpoints and a
+recomputing backward).
+
 Layout: chunk tiles are [L, P] slices of head-major copies [B H S P] (XLA transposes once per call),
 vectors are [L, 1] columns, cum and run also [1, L] rows. Triton needs power-of-two tiles and
 `tl.dot` dims of at least 16: P and N are zero-padded up to a power of two >= 16 (64 and 128, the
@@ -33,6 +37,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
 from jaxllama.kernels._common import pad_to
 from jaxllama.kernels.ssm_scan import reference
 from jaxllama.kernels.ssm_scan.reference import ChunkOps
@@ -231,3 +236,13 @@ def ssd_fn(interpret: bool):
         _check_chunk(chunk)
         return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, segment_ids, chunk, ops)
     return ssd
+
+
+def selective_fn(interpret: bool):
+    """selective(u, delta, A, B, C, D, initial_state, segment_ids, chunk) through the Triton
+    Mamba1 kernels (pallas_selective.py)."""
+    from jaxllama.kernels.ssm_scan import heuristics, pallas_selective
+
+    return pallas_selective.selective_fn(pallas_selective.Backend(
+        "gpu", pltriton.CompilerParams(num_warps=2, num_stages=1), bool(interpret),
+        heuristics.gpu_selective_block, True))

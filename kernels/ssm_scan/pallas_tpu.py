@@ -11,12 +11,17 @@ Tiling: P and N are whole blocks (a block dim may equal the array dim), so neith
 chunk L lies on sublanes in the [L, P] tiles and on lanes in the [1, L] rows of cum and run, so on a
 TPU it must be a multiple of 128 whenever the sequence has more than one chunk (the rows' lane
 tile; the default chunk is 128), and a multiple of 8 in any case.
+
+Mamba1 (`selective_scan`): `selective_fn` runs pallas_selective.py's kernels with this backend
+(`jaxllama_selective_{fwd,bwd}_tpu`, grid (batch, group, channel block, chunk), the chunk axis
+sequential with the state in VMEM scratch); any chunk size (time is a leading axis of its tiles).
 """
 
 from __future__ import annotations
 
 from jax.experimental.pallas import tpu as pltpu
-from jaxllama.kernels.ssm_scan import reference
+
+from jaxllama.kernels.ssm_scan import heuristics, pallas_selective, reference
 from jaxllama.kernels.ssm_scan.pallas_gpu import Backend, chunk_ops
 
 SUBLANES, LANES = 8, 128
@@ -41,3 +46,12 @@ def ssd_fn(interpret):
         _check_chunk(chunk, x.shape[1], interpret)
         return reference.ssd_chunked(x, dt, A, B, C, D, initial_state, segment_ids, chunk, ops)
     return ssd
+
+
+def selective_fn(interpret):
+    """selective(u, delta, A, B, C, D, initial_state, segment_ids, chunk) through the Mosaic
+    Mamba1 kernels; `interpret` as for `ssd_fn`."""
+    params = pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    return pallas_selective.selective_fn(pallas_selective.Backend(
+        "tpu", params, interpret, heuristics.tpu_selective_block, False))

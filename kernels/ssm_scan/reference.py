@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
+
 from jaxllama.kernels._common import F32, cdiv, pad_to
 
 # ----------------------------------------------------------------------------- segments

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
-from jaxllama.kernels import _dispatch
-from jaxllama.kernels.ssm_scan import api, reference
-from jaxllama.kernels.ssm_scan.api import UnavailableImplementation, selective_scan, ssd_scan
 from kernel_test_base import TOLERANCE, KernelTestBase, compile_fast, fresh_normal
+
+from jaxllama.kernels import _dispatch
+from jaxllama.kernels.ssm_scan import reference
+from jaxllama.kernels.ssm_scan.api import UnavailableImplementation, selective_scan, ssd_scan
 
 # the final state is a sum over the whole sequence like y; the same bounds apply
 SSM_TOLERANCE = {k: {**v, "state": v["out"]} for k, v in TOLERANCE.items()}
@@ -29,7 +30,7 @@ class Case:
     s: int
     heads: int  # H (Mamba2) or channels Dm (Mamba1)
     groups: int
-    chunk: int = 16  # Mamba2 only
+    chunk: int = 16  # Mamba2: the SSD chunk; Mamba1: the kernels' checkpoint spacing
     dtype: str = "float32"
     segments: str | None = None  # packed | left_pad
     d_shape: str = "head"  # Mamba2 D: none | head ([H]) | channel ([H P])
@@ -58,10 +59,15 @@ SSD_CASES = [
     Case("decode_step", 1, 4, 2, chunk=16),
 ]
 SELECTIVE_CASES = [
-    Case("ragged_g1", 37, 6, 1),
-    Case("left_pad_g3_bf16_no_initial", 21, 6, 3, dtype="bfloat16", segments="left_pad",
-         initial=False),
-    Case("packed_g2", 30, 4, 2, segments="packed"),
+    # chunk: the Pallas kernels' checkpoint spacing (the xla cases ignore it)
+    Case("ragged_g1", 37, 6, 1, chunk=16, pallas_gpu=True),  # Triton pads 6 channels to 8
+    Case("left_pad_g3_bf16_no_initial", 21, 6, 3, chunk=8, dtype="bfloat16",
+         segments="left_pad", initial=False, pallas_gpu=True),
+    Case("packed_g2", 30, 4, 2, chunk=8, segments="packed"),
+    # one TPU-interpreted case (each grid program is interpreted on its own: slow); the f32 and
+    # second-chunk-size coverage of the shared step math is in the Triton cases above
+    Case("tpu_packed_bf16_chunk8", 11, 4, 2, chunk=8, dtype="bfloat16", segments="packed",
+         pallas_tpu=True, xla=False),
     Case("decode_step", 1, 4, 2),
 ]
 
@@ -152,7 +158,8 @@ class ScanKernelTest(KernelTestBase):
             fn = functools.partial(ssd_scan, chunk_size=case.chunk,
                                    implementation=self.implementation)
         else:
-            fn = functools.partial(selective_scan, implementation=self.implementation)
+            fn = functools.partial(selective_scan, chunk_size=case.chunk,
+                                   implementation=self.implementation)
         (got, grads), compiled = self.run_compiled(_fwd_and_grads(fn, _segment_ids(case)), xs,
                                                    cts)
         (want, want_grads) = _truth(form, case)
@@ -176,12 +183,13 @@ class TestXla(ScanKernelTest):
     def test_selective_matches_sequential(self, case):
         self.check("selective", case)
 
-    @pytest.mark.parametrize("case", SELECTIVE_CASES, ids=lambda c: c.name)
+    @pytest.mark.parametrize("case", [c for c in SELECTIVE_CASES if c.xla], ids=lambda c: c.name)
     def test_selective_chunked_matches_sequential(self, case):
         self.check("selective_chunked", case)
 
 
 SSD_KERNELS = ("state_fwd", "state_bwd", "output_fwd", "output_bwd")
+SELECTIVE_KERNELS = ("fwd", "bwd")
 
 
 class TestPallasInterpret(ScanKernelTest):
@@ -206,6 +214,30 @@ class TestPallasTpuInterpreted(ScanKernelTest):
         self.check("ssd", case)
 
 
+class TestSelectivePallasInterpret(ScanKernelTest):
+    """The Triton Mamba1 kernel bodies in the Pallas interpreter."""
+
+    implementation = "pallas_interpret"
+    kernels = tuple(f"jaxllama_selective_{k}_gpu" for k in SELECTIVE_KERNELS)
+
+    @pytest.mark.parametrize("case", [c for c in SELECTIVE_CASES if c.pallas_gpu],
+                             ids=lambda c: c.name)
+    def test_selective_matches_sequential(self, case):
+        self.check("selective", case)
+
+
+class TestSelectivePallasTpuInterpreted(ScanKernelTest):
+    """The Mosaic Mamba1 kernels in the TPU interpreter (`emulate_tpu`)."""
+
+    implementation = "pallas_tpu"
+    kernels = tuple(f"jaxllama_selective_{k}_tpu" for k in SELECTIVE_KERNELS)
+
+    @pytest.mark.parametrize("case", [c for c in SELECTIVE_CASES if c.pallas_tpu],
+                             ids=lambda c: c.name)
+    def test_selective_matches_sequential(self, case):
+        self.check("selective", case)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX_PLATFORMS=cuda)")
 class TestPallasGpuNative(ScanKernelTest):
     """The Triton kernels compiled for the GPU, on a GPU only: every Mamba2 case."""
@@ -216,6 +248,18 @@ class TestPallasGpuNative(ScanKernelTest):
     @pytest.mark.parametrize("case", [c for c in SSD_CASES if c.chunk >= 16], ids=lambda c: c.name)
     def test_ssd_matches_sequential(self, case):
         self.check("ssd", case)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (JAX_PLATFORMS=cuda)")
+class TestSelectivePallasGpuNative(ScanKernelTest):
+    """The Triton Mamba1 kernels compiled for the GPU, on a GPU only: every Mamba1 case."""
+
+    implementation = "pallas_gpu"
+    kernels = tuple(f"jaxllama_selective_{k}_gpu" for k in SELECTIVE_KERNELS)
+
+    @pytest.mark.parametrize("case", SELECTIVE_CASES, ids=lambda c: c.name)
+    def test_selective_matches_sequential(self, case):
+        self.check("selective", case)
 
 
 @pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (JAX_PLATFORMS=tpu)")
@@ -230,6 +274,18 @@ class TestPallasTpuNative(ScanKernelTest):
                              ids=lambda c: c.name)
     def test_ssd_matches_sequential(self, case):
         self.check("ssd", case)
+
+
+@pytest.mark.skipif(jax.default_backend() != "tpu", reason="needs a TPU (JAX_PLATFORMS=tpu)")
+class TestSelectivePallasTpuNative(ScanKernelTest):
+    """The Mosaic Mamba1 kernels compiled for the TPU, on a TPU only: every Mamba1 case."""
+
+    implementation = "pallas_tpu"
+    kernels = tuple(f"jaxllama_selective_{k}_tpu" for k in SELECTIVE_KERNELS)
+
+    @pytest.mark.parametrize("case", SELECTIVE_CASES, ids=lambda c: c.name)
+    def test_selective_matches_sequential(self, case):
+        self.check("selective", case)
 
 
 @pytest.mark.parametrize("platform,custom_call,suffix", [
@@ -259,6 +315,35 @@ def test_kernels_lower_for_their_hardware(platform, custom_call, suffix):
     assert text.count(custom_call) == 4
     for kernel in SSD_KERNELS:
         assert f"jaxllama_ssd_{kernel}_{suffix}" in text
+
+
+@pytest.mark.parametrize("platform,custom_call,suffix", [
+    ("cuda", "__gpu$xla.gpu.triton", "gpu"), ("tpu", "tpu_custom_call", "tpu")])
+def test_selective_kernels_lower_for_their_hardware(platform, custom_call, suffix):
+    """The Mamba1 forward + backward lowered for the real target at Mamba1's usual d_state 16,
+    bf16 inputs, 256 channels (several channel blocks on both backends), two B/C groups, four
+    chunks, packed segments and an initial state: the two custom calls, on-device code generation
+    not exercised (as for the SSD kernels above)."""
+    impl = {"cuda": "pallas_gpu", "tpu": "pallas_tpu"}[platform]
+    b, s, dm, g, n = 1, 256, 512, 2, 16
+
+    def loss(u, dl, A, B, C, D, h0, seg):
+        y, f = selective_scan(u, dl, A, B, C, D=D, initial_state=h0, segment_ids=seg,
+                              implementation=impl)
+        return (y.astype(jnp.float32) ** 2).sum() + (f ** 2).sum()
+
+    sds = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype)
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    args = (sds(bf16, b, s, dm), sds(bf16, b, s, dm), sds(f32, dm, n), sds(bf16, b, s, g, n),
+            sds(bf16, b, s, g, n), sds(f32, dm), sds(f32, b, dm, n), sds(jnp.int32, b, s))
+    fn = jax.jit(jax.grad(loss, argnums=tuple(range(7))))
+    with _dispatch.assume_platform(platform):
+        exported = export.export(fn, platforms=[platform], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call(custom_call)])(*args)
+    text = exported.mlir_module()
+    assert text.count(custom_call) == 2
+    for kernel in SELECTIVE_KERNELS:
+        assert f"jaxllama_selective_{kernel}_{suffix}" in text
 
 
 def test_segments_mean_separate_documents():
@@ -340,24 +425,25 @@ def test_bad_shapes_and_names_raise():
 
 
 def test_auto_per_platform_and_named_never_falls_back(caplog):
-    """`auto` reads the op's table (xla on CPU); a Pallas implementation has no Mamba1 kernel yet,
-    so naming one for `selective_scan` raises, while `auto` runs xla for it and says so once."""
+    """`auto` reads the op's table (xla on CPU, the platform's kernels on GPU/TPU) for both forms
+    and logs its choice once per platform; a named implementation runs its own kernels or raises
+    (checked above and in test_bad_shapes_and_names_raise)."""
     assert _dispatch.resolve("auto", "ssm_scan") == "xla"
     with _dispatch.assume_platform("gpu"):
         assert _dispatch.resolve("auto", "ssm_scan") == "pallas_gpu"
     with _dispatch.assume_platform("tpu"):
         assert _dispatch.resolve("auto", "ssm_scan") == "pallas_tpu"
-    m1, _ = _selective_inputs(Case("fallback", 5, 2, 1), 2)
-    with pytest.raises(UnavailableImplementation, match="no Mamba1"):
-        selective_scan(**m1, implementation="pallas_interpret")
+    m1, _ = _selective_inputs(Case("auto", 5, 2, 1), 2)
     with pytest.raises(ValueError, match="chunk_size a power of two >= 16"):
         ssd_scan(**_ssd_inputs(Case("c", 8, 2, 1), 1)[0], chunk_size=8,
                  implementation="pallas_interpret")
-    api._logged.clear()
+    with pytest.raises(ValueError, match="selective_scan: chunk_size must be positive"):
+        selective_scan(**m1, chunk_size=0, implementation="pallas_interpret")
+    _dispatch._logged.discard(("ssm_scan", "gpu"))
     with caplog.at_level(logging.INFO, logger="jaxllama.kernels"), \
             _dispatch.assume_platform("gpu"):
-        for _ in range(2):
-            y, _ = jax.eval_shape(lambda m: selective_scan(**m), m1)
-            assert y.shape == m1["u"].shape
-    lines = [r.getMessage() for r in caplog.records if "no Mamba1 kernel" in r.getMessage()]
+        for _ in range(2):  # traced only: the Triton kernel cannot run on this CPU
+            jaxpr = str(jax.make_jaxpr(lambda m: selective_scan(**m))(m1))
+            assert "jaxllama_selective_fwd_gpu" in jaxpr
+    lines = [r.getMessage() for r in caplog.records if "'auto' on platform 'gpu'" in r.getMessage()]
     assert len(lines) == 1, lines
