@@ -54,6 +54,11 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("q_lora", None),  # MLA's query and kv latents (small; replicated)
     ("kv_lora", None),
+    # Mamba1/Mamba2: the inner width E and Mamba2's heads over `tensor` (in_proj/dt_proj column-,
+    # x_proj/out_proj row-parallel, A, D, norm and the SSM state split with them); the state,
+    # conv taps, dt rank and the concatenated projections (ssm_proj, Mamba2's [x B C] conv) whole
+    ("ssm_inner", "tensor"),
+    ("ssm_heads", "tensor"),
 )
 
 

@@ -156,11 +156,13 @@ def sharded_conv(x, segment_ids, kernel, bias):
 
 class CausalConv(nn.Module):
     """The conv's parameters (HF `conv1d`: kernel [W C], bias [C]) applied by `causal_conv`, or
-    by `sharded_conv` when `sharded` (a sequence-parallel training pass; no window returned)."""
+    by `sharded_conv` when `sharded` (a sequence-parallel training pass; no window returned).
+    `axis`: the channels' logical axis (Mamba1's are the inner width, `ssm_inner`)."""
 
     channels: int
     width: int
     use_bias: bool = True
+    axis: str = "ssm_conv"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -169,11 +171,11 @@ class CausalConv(nn.Module):
         w, c = self.width, self.channels
         bound = 1.0 / math.sqrt(w)  # torch's Conv1d default for a depthwise kernel
         init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, ("conv_width", "ssm_conv")),
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, ("conv_width", self.axis)),
                             (w, c), self.param_dtype)
         bias = None
         if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(init, ("ssm_conv",)), (c,),
+            bias = self.param("bias", nn.with_logical_partitioning(init, (self.axis,)), (c,),
                               self.param_dtype)
         if sharded:
             return sharded_conv(x, segment_ids, kernel, bias), None, None
@@ -280,8 +282,9 @@ class MambaMixer(nn.Module):
         xs, z = xz[:, :, 0], xz[:, :, 1]
         sharded = sequence_parallel(self.kernels, cache)
         window, window_ids, conv_ids = conv_window(cache, xs, segment_ids, m.conv_kernel)
-        conv, window, window_ids = CausalConv(e, m.conv_kernel, m.use_conv_bias, name="conv1d",
-                                              **kw)(xs, window, window_ids, conv_ids, sharded)
+        conv, window, window_ids = CausalConv(e, m.conv_kernel, m.use_conv_bias, "ssm_inner",
+                                              name="conv1d", **kw)(xs, window, window_ids,
+                                                                   conv_ids, sharded)
         u = nn.silu(conv).astype(self.dtype)  # [B T E]
         proj = Linear((e,), (r + 2 * g * n,), ("ssm_inner", "ssm_proj"), name="x_proj", **kw)(u)
         dt_low, bmat, cmat = jnp.split(proj, [r, r + g * n], axis=-1)
