@@ -16,20 +16,25 @@ needs, besides itself:
 
 Where segments start is found from a per-chunk summary (first and last segment id, last internal
 boundary: 3 integers per row and chunk), also all-gathered. Per device this holds C + L - 1 + 2WG
-keys, whatever the total length. Two `attend` calls per chunk: the window (halo + chunk) with the
-chunk's own sinks as `beyond_window` extra columns, and the remote sinks (query rotated to D),
-merged by log-sum-exp. Gradients are JAX's transposes of the collectives.
+keys, whatever the total length. Per chunk, one `attend` over the window (halo + chunk) and one
+over each query's own G sinks, merged by log-sum-exp. A query's sinks are the tokens at its
+segment's start + i (query rotated to D, keys un-rotated): remote ones from the all-gather, local
+ones gathered from the chunk, per query, in blocks of queries. Giving every local token to the
+kernel as a potential sink column instead (what the unsharded packed path does) would make the
+chunk's sink work quadratic in C: the `beyond_window` columns have no window. Gradients are JAX's
+transposes of the collectives and gathers.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from jaxllama.kernels._common import merge_partials
-from jaxllama.kernels.flash_attention.api import BEYOND_WINDOW, ExtraColumns, Mask, attend
+from jaxllama.kernels.flash_attention.api import Mask, attend
 from jaxllama.parallel.context import SEQ_AXIS, _specs
 from jaxllama.sharding import mesh_axis_size
 
@@ -128,7 +133,6 @@ def halo_lambda_local(q, k, q_d, k_0, v, seg, *, window: int, global_tokens: int
     if g:
         start, carried = _segment_starts(seg2, r, c, axis_name, ways)
         pos = jnp.stack([_chunk_pos(r, s, c, ways) for s in (0, 1)])  # [2 C]
-        local_sink_seg = jnp.where(pos[:, None] - start < g, seg2, -1)  # [2 B C]
         pk, pv, pseg = _published_sinks(k02, v2, seg2, start, pos, g)
         nat_k, nat_v, nat_seg = (_natural(a, axis_name, ways) for a in (pk, pv, pseg))
         rk, rv, rseg = _remote_sinks(nat_k, nat_v, nat_seg, carried, pos[:, 0], c, g)
@@ -137,26 +141,62 @@ def halo_lambda_local(q, k, q_d, k_0, v, seg, *, window: int, global_tokens: int
     for s in (0, 1):
         mask = Mask(causal=True, window=w, q_offset=0, k_offset=-halo, q_segment_ids=seg2[s],
                     kv_segment_ids=kseg[s])
-        extra = (ExtraColumns(k02[s], v2[s], BEYOND_WINDOW, q=qd2[s],
-                              segment_ids=local_sink_seg[s]) if g else None)
-        out, lse = attend(q2[s], keys[s], vals[s], mask, extra=extra,
-                          implementation=implementation, return_lse=True)
+        out, lse = attend(q2[s], keys[s], vals[s], mask, implementation=implementation,
+                          return_lse=True)
         if g:
-            # query at global position p sees remote sink slot i (position carried + i) iff
-            # p - carried - i >= w: causal with the query offset p0 - carried - w, per row
-            q_off = pos[s, 0] - carried[s] - w  # [B]
-            rows = jax.vmap(functools.partial(_remote_attend, implementation=implementation))
-            r_out, r_lse = rows(qd2[s][:, None], rk[s][:, None], rv[s][:, None],
-                                seg2[s][:, None], rseg[s][:, None], q_off)
-            out, _ = merge_partials(out, lse, r_out[:, 0], r_lse[:, 0])
+            s_out, s_lse = sink_attend(qd2[s], k02[s], v2[s], seg2[s], start[s], pos[s],
+                                       (rk[s], rv[s], rseg[s]), window=w,
+                                       implementation=implementation)
+            out, _ = merge_partials(out, lse, s_out, s_lse)
         outs.append(out.astype(q.dtype))
     return jnp.concatenate(outs, axis=1)
 
 
-def _remote_attend(q, k, v, q_seg, kv_seg, q_offset, implementation):
-    mask = Mask(causal=True, q_offset=q_offset, k_offset=0, q_segment_ids=q_seg,
-                kv_segment_ids=kv_seg)
-    return attend(q, k, v, mask, implementation=implementation, return_lse=True)
+SINK_BLOCK = 2048  # queries per step of `sink_attend`: bounds its gathered [B block G K H] keys
+
+
+def sink_attend(q_d, k_0, v, seg, start, pos, remote, *, window: int, implementation: str):
+    """Each query of one chunk over its own segment's G sink tokens, those at least `window`
+    before it. q_d [B C N H] (rotated to D); k_0, v [B C K H] (un-rotated keys, values of the
+    chunk); seg, start [B C] (segment id; global position of the segment's first token); pos [C]
+    global positions; remote = (k, v [B G K H], segment ids [B G]): the sinks of the segment that
+    runs into the chunk from before (`_remote_sinks`). Sink i of a query is the token at
+    start + i: from `remote` where that lies before the chunk, else gathered from the chunk.
+
+    The queries' keys differ from query to query, so each query is one kernel row of its own
+    (batch B x block, one query over G columns), in blocks of `SINK_BLOCK` queries under
+    `jax.checkpoint`: the work and the memory are linear in C. Returns out [B C N H] float32 and
+    lse [B N C] (-inf where a query sees no sink)."""
+    rk, rv, rseg = remote
+    b, c, n, h = q_d.shape
+    g = rk.shape[1]
+    bq = math.gcd(c, SINK_BLOCK)
+
+    def block(xs):
+        qd_i, seg_i, start_i, pos_i = xs  # [B bq N H], [B bq], [B bq], [bq]
+        want = start_i[..., None] + jnp.arange(g)  # [B bq G] global positions of the sinks
+        local = want - pos[0]  # index in the chunk; < 0: before the chunk (remote)
+        idx = jnp.clip(local, 0, c - 1)
+        pick = jax.vmap(lambda a, i: a[i])  # per row: [C K H] at [bq G] -> [bq G K H]
+        here = (local >= 0)[..., None, None]
+        sk = jnp.where(here, pick(k_0, idx), rk[:, None])  # [B bq G K H]
+        sv = jnp.where(here, pick(v, idx), rv[:, None])
+        ok = (pos_i[None, :, None] - want >= window) & (
+            (local >= 0) | (rseg[:, None, :] == seg_i[..., None]))  # [B bq G]
+        rows = lambda a: a.reshape((b * bq,) + a.shape[2:])
+        mask = Mask(causal=False, q_segment_ids=jnp.ones((b * bq, 1), jnp.int32),
+                    kv_segment_ids=rows(ok).astype(jnp.int32))
+        out, lse = attend(rows(qd_i)[:, None], rows(sk), rows(sv), mask,
+                          implementation=implementation, return_lse=True)
+        return out.reshape(b, bq, n, h).astype(F32), lse.reshape(b, bq, n)  # lse [B bq N]
+
+    blocks = lambda a, axis: jnp.moveaxis(
+        a.reshape(a.shape[:axis] + (c // bq, bq) + a.shape[axis + 1:]), axis, 0)
+    out, lse = jax.lax.map(jax.checkpoint(block), (blocks(q_d, 1), blocks(seg, 1),
+                                                   blocks(start, 1), blocks(pos, 0)))
+    out = jnp.moveaxis(out, 0, 1).reshape(b, c, n, h)  # [nb B bq N H] -> [B C N H]
+    lse = jnp.transpose(lse, (1, 3, 0, 2)).reshape(b, n, c)  # [nb B bq N] -> [B N C]
+    return out, lse
 
 
 def _published_sinks(k_0, v, seg, start, pos, g: int):
