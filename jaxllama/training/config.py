@@ -36,6 +36,7 @@ from jaxllama.sharding import MeshConfig
 
 SCHEDULES = ("cosine", "linear", "constant")
 FORMATS = ("auto", "text", "jsonl", "parquet", "passkey")
+PACKINGS = ("plain", "doc_aware")  # doc_aware: FoT cross-batch groups (training/data.py)
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ class MemoryTokensConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    paths: tuple[str, ...] = ()  # local files: .txt/.md (text), .jsonl/.json, .parquet
+    # local files: .txt/.md (text), .jsonl/.json, .parquet; or python:MODULE.NAME (package text)
+    paths: tuple[str, ...] = ()
     format: str = "auto"  # auto | text | jsonl | parquet | passkey
     text_field: str = "text"  # JSONL / parquet column with the document
     prompt_field: str | None = None  # optional column whose tokens precede the text, no loss
@@ -74,10 +76,17 @@ class DataConfig:
     seed: int = 0  # shuffling seed
     passkey: PasskeyConfig | None = None
     memory_tokens: MemoryTokensConfig | None = None
+    packing: str = "plain"  # plain | doc_aware (k consecutive rows per document span)
+    doc_aware_k: int = 0  # rows per doc_aware group (doc_aware only)
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ConfigError(f"data.format: {self.format!r} is not one of {FORMATS}")
+        if self.packing not in PACKINGS:
+            raise ConfigError(f"data.packing: {self.packing!r} is not one of {PACKINGS}")
+        if (self.packing == "doc_aware") != (self.doc_aware_k > 0) or self.doc_aware_k < 0:
+            raise ConfigError(f"data.doc_aware_k: {self.doc_aware_k} with data.packing "
+                              f"{self.packing!r} (doc_aware needs k >= 1, plain needs 0)")
         if self.format != "passkey" and not self.paths:
             raise ConfigError("data.paths: at least one file is needed (or format: passkey)")
 

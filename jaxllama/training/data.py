@@ -8,10 +8,32 @@ document gets its own segment id (1, 2, ...) and positions restart at 0, so atte
 crosses documents. A target gets loss weight 0 when it is a prompt token, a memory token, or the
 first token of the next document.
 
-Pipeline: `grain.MapDataset` over the windows -> shuffle (reseeded every epoch) -> repeat ->
-every `process_count`-th window from `process_index` -> zigzag layout for ring attention ->
-batch. The iterator state (`get_state()`, a small dict) goes into each checkpoint; restoring it
-continues with exactly the batch that would have come next. The whole corpus is tokenized when
+Document-aware packing (`data.packing: doc_aware`, for FoT cross-batch training, METHODS section
+7): the stream is cut into groups of k = `data.doc_aware_k` consecutive rows, k * seq_len + 1
+tokens each (consecutive groups overlap by one token). Row r of a group is the stream window that
+starts at token r * seq_len of the group, so a document longer than a row continues in the next
+row: its k consecutive parts lie in k consecutive rows. Positions restart at 0 at every row start
+(and every document start): a row is one local context, and a memory layer reads the rows before
+it with keys encoded as if at position 0. Segment ids are counted over the whole group, so a
+document keeps one id in every row it spans, and each group of the batch gets its own range of
+ids (group j of the global batch: ids in j * k * seq_len + 1 .. (j + 1) * k * seq_len): the
+cross-batch read (`mixers/fot_attention.py: cross_batch`, which lets a query see another row's key
+only at an equal segment id) never crosses into another document or another group.
+
+Cross-batch rows on the data axis: batches are placed on (data, fsdp) in row order (row b on shard
+b // (B / shards)). A group may straddle a shard edge: the memory layer shifts keys and values
+along the whole (global) batch axis, so XLA brings the d rows before a shard's first row from its
+neighbour (`tests/training/test_cross_batch.py`: sharded == unsharded with 2-row documents, one
+row per device). A group never straddles processes: each process builds whole groups of its own
+(the local batch must hold whole groups). With `train.grad_accum` A > 1 a micro-batch takes every
+A-th row (`training/step.py`), so the loader interleaves the batch (micro-batch j gets the
+contiguous block j of rows, whole groups in order).
+
+Pipeline: `grain.MapDataset` over the windows (doc_aware: the groups) -> shuffle (reseeded every
+epoch) -> repeat -> every `process_count`-th window from `process_index` -> zigzag layout for ring
+attention -> batch (doc_aware: groups -> rows, group id ranges, grad_accum interleave). The
+iterator state (`get_state()`, a small dict) goes into each checkpoint; restoring it continues
+with exactly the batch that would have come next. The whole corpus is tokenized when
 the loader is built: meant for local files of up to a few hundred MB, not web-scale corpora.
 """
 
@@ -106,10 +128,34 @@ def _format_of(path: Path, fmt: str) -> str:
                       "data.format)")
 
 
+def python_text(spec: str) -> list[str]:
+    """`python:MODULE.NAME`: text that ships with an installed package, e.g.
+    `python:pydoc_data.topics.topics` (CPython's Python Language Reference, a dict of topics): a
+    string is one document, a dict or list of strings one document per value (sorted keys)."""
+    import importlib
+
+    module, _, name = spec.removeprefix("python:").rpartition(".")
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise ConfigError(f"data.paths: {spec}: no importable attribute {name!r} of module "
+                          f"{module!r}") from None
+    if isinstance(value, dict):
+        value = [value[k] for k in sorted(value)]
+    values = [value] if isinstance(value, str) else list(value)
+    if not values or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"data.paths: {spec}: not a string, nor a dict or list of strings")
+    return values
+
+
 def read_documents(cfg: DataConfig) -> list[tuple[str, str]]:
-    """[(prompt, text)] from every file of `cfg.paths`, in order (prompt may be '')."""
+    """[(prompt, text)] from every file of `cfg.paths` (or `python:MODULE.NAME` text, see
+    `python_text`), in order (prompt may be '')."""
     docs: list[tuple[str, str]] = []
     for name in cfg.paths:
+        if name.startswith("python:"):
+            docs += [("", t) for t in python_text(name) if t.strip()]
+            continue
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"data.paths: {path}: no such file")
@@ -221,6 +267,80 @@ class PackedWindows:
         return pack_window(self.tokens[sl], self.weights[sl], self.doc_ids[sl])
 
 
+def pack_group(tokens, weights, doc_ids, k: int) -> dict[str, np.ndarray]:
+    """k consecutive rows [k T] from a span of k * T + 1 stream tokens (module docstring): row r
+    is `pack_window` of tokens r*T .. r*T + T (positions restart per row), segment ids counted
+    over the whole span (1, 2, ... per document, the same id in every row a document spans)."""
+    t = (len(tokens) - 1) // k
+    rows = [pack_window(tokens[r * t:r * t + t + 1], weights[r * t:r * t + t + 1],
+                        doc_ids[r * t:r * t + t + 1]) for r in range(k)]
+    out = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+    d_in = doc_ids[:-1]
+    starts = np.concatenate([[True], d_in[1:] != d_in[:-1]])
+    out["segment_ids"] = np.cumsum(starts).astype(np.int32).reshape(k, t)
+    return out
+
+
+class PackedGroups(PackedWindows):
+    """Random-access source of doc_aware groups: example i is `pack_group` of stream tokens
+    i*k*T .. (i+1)*k*T, arrays [k T]."""
+
+    def __init__(self, tokens, weights, doc_ids, seq_len: int, k: int):
+        self.tokens, self.weights, self.doc_ids, self.k = tokens, weights, doc_ids, k
+        self.seq_len = seq_len * k  # stream tokens per group (plus the one of overlap)
+        self.n = (len(tokens) - 1) // self.seq_len
+        if self.n == 0:
+            raise ConfigError(f"data.paths: {len(tokens)} tokens in all, too few for one group "
+                              f"of data.doc_aware_k {k} x train.seq_len {seq_len}")
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        a = i * self.seq_len
+        sl = slice(a, a + self.seq_len + 1)
+        return pack_group(self.tokens[sl], self.weights[sl], self.doc_ids[sl], self.k)
+
+
+def rows_of_groups(batch: dict[str, np.ndarray], first_group: int,
+                   grad_accum: int = 1) -> dict[str, np.ndarray]:
+    """A batch of groups [G k T] -> rows [G*k T]: group j's segment ids moved into their own
+    range (j + first_group) * k * T + 1 .., then, with grad_accum A > 1, rows interleaved so
+    that micro-batch j (every A-th row, `training/step.py`) is the contiguous block j."""
+    g, k, t = batch["inputs"].shape
+    out = {key: v.reshape(g * k, *v.shape[2:]) for key, v in batch.items()}
+    offset = (np.arange(g, dtype=np.int64) + first_group) * (k * t)
+    seg = batch["segment_ids"] + np.where(batch["segment_ids"] > 0, offset[:, None, None], 0)
+    out["segment_ids"] = seg.reshape(g * k, t).astype(np.int32)
+    if grad_accum > 1:
+        out = {key: np.swapaxes(v.reshape(grad_accum, -1, *v.shape[1:]), 0, 1).reshape(v.shape)
+               for key, v in out.items()}
+    return out
+
+
+def check_packing(cfg: DataConfig, cross_batch_range: int, batch_size: int, grad_accum: int = 1,
+                  process_count: int = 1) -> None:
+    """Data packing against the model's cross-batch range (one-line ConfigError): plain packing
+    restarts segment ids in every row, so cross-batch memory layers would read other documents."""
+    k = cfg.doc_aware_k
+    if cross_batch_range and cfg.packing != "doc_aware":
+        raise ConfigError(f"data.packing: {cfg.packing!r} with model.fot.cross_batch_range "
+                          f"{cross_batch_range} lets memory layers read other documents' rows "
+                          f"(set data.packing: doc_aware and data.doc_aware_k > "
+                          f"{cross_batch_range})")
+    if cfg.packing != "doc_aware":
+        return
+    if cfg.format == "passkey":
+        raise ConfigError("data.packing: doc_aware needs a text corpus (data.format passkey "
+                          "builds single rows)")
+    if cross_batch_range and k <= cross_batch_range:
+        raise ConfigError(f"data.doc_aware_k: {k} must exceed model.fot.cross_batch_range "
+                          f"{cross_batch_range} (a row reads the {cross_batch_range} rows "
+                          f"before it)")
+    per = k * process_count * grad_accum
+    if batch_size % per:
+        raise ConfigError(f"train.batch_size: {batch_size} is not a multiple of "
+                          f"data.doc_aware_k {k} x processes {process_count} x train.grad_accum "
+                          f"{grad_accum} = {per} (whole groups per process and micro-batch)")
+
+
 # ----------------------------------------------------------------------------- passkey
 
 
@@ -276,16 +396,24 @@ class DataLoader:
 
     def __init__(self, cfg: DataConfig, tokenizer, seq_len: int, global_batch: int, *,
                  eos: int, process_index: int = 0, process_count: int = 1, seq_ways: int = 1,
-                 memory_token_id: int | None = None):
+                 memory_token_id: int | None = None, grad_accum: int = 1):
         if global_batch % process_count:
             raise ConfigError(f"train.batch_size: {global_batch} is not divisible by "
                               f"{process_count} processes")
+        local = global_batch // process_count
+        k = cfg.doc_aware_k if cfg.packing == "doc_aware" else 1
+        if cfg.packing == "doc_aware":
+            check_packing(cfg, 0, global_batch, grad_accum, process_count)
         self.source = build_source(cfg, tokenizer, seq_len, eos, memory_token_id)
         ds = grain.MapDataset.source(self.source).shuffle(seed=cfg.seed).repeat(None)
         ds = ds[process_index::process_count]
         if seq_ways > 1:
-            ds = ds.map(lambda ex: {k: to_zigzag(v, seq_ways, axis=0) for k, v in ex.items()})
-        ds = ds.batch(global_batch // process_count, drop_remainder=True)
+            axis = 1 if cfg.packing == "doc_aware" else 0  # doc_aware examples are [k T]
+            ds = ds.map(lambda ex: {n: to_zigzag(v, seq_ways, axis=axis) for n, v in ex.items()})
+        ds = ds.batch(local // k, drop_remainder=True)
+        if cfg.packing == "doc_aware":
+            first = process_index * (local // k)
+            ds = ds.map(lambda b: rows_of_groups(b, first, grad_accum))
         opts = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
         self._iter = iter(ds.to_iter_dataset(read_options=opts))
 
@@ -317,4 +445,6 @@ def build_source(cfg: DataConfig, tokenizer, seq_len: int, eos: int,
                               "token; set token_id")
         memory = (m.episode_length, m.per_episode, token)
     tokens, weights, doc_ids = tokenize_stream(read_documents(cfg), tokenizer, eos, memory)
+    if cfg.packing == "doc_aware":
+        return PackedGroups(tokens, weights, doc_ids, seq_len, cfg.doc_aware_k)
     return PackedWindows(tokens, weights, doc_ids, seq_len)

@@ -38,7 +38,7 @@ from jaxllama.training.config import (
     resolve_model_config,
     with_training_dtypes,
 )
-from jaxllama.training.data import DataLoader, eos_id, load_tokenizer
+from jaxllama.training.data import DataLoader, check_packing, eos_id, load_tokenizer
 from jaxllama.training.metrics import MetricsLog, flops_per_token, peak_flops
 from jaxllama.training.optimizer import lr_schedule, make_optimizer
 from jaxllama.training.step import BATCH_KEYS, TrainState, compile_train_step, init_state
@@ -127,6 +127,16 @@ def load_model(cfg: TrainConfig) -> ModelBundle:
     return bundle
 
 
+def _check_packing(cfg: TrainConfig, model: ModelConfig) -> None:
+    """data.packing against the model's FoT cross-batch range (training/data.py)."""
+    d = model.fot.cross_batch_range if model.fot is not None else 0
+    try:
+        check_packing(cfg.data, d, cfg.train.batch_size, cfg.train.grad_accum,
+                      jax.process_count())
+    except ConfigError as e:
+        raise ConfigError(f"{cfg.source or 'config'}: {e}") from None
+
+
 def _memory_token_id(tokenizer) -> int | None:
     tid = tokenizer.convert_tokens_to_ids("<|memory|>")
     return None if tid is None or tid == getattr(tokenizer, "unk_token_id", -1) else int(tid)
@@ -167,6 +177,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     bundle = load_model(cfg)  # the resolved model config decides the zigzag sequence layout
     sizes = check_against_devices(cfg, jax.device_count(), jax.process_count(),
                                   bundle.config.kernels.context_parallel)
+    _check_packing(cfg, bundle.config)
     mesh = make_mesh(cfg.mesh)
     model = Transformer(bundle.config)
     t = cfg.train
@@ -177,7 +188,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     loader = DataLoader(cfg.data, bundle.tokenizer, t.seq_len, t.batch_size,
                         eos=eos_id(bundle.tokenizer, bundle.generation_config),
                         process_index=jax.process_index(), process_count=jax.process_count(),
-                        seq_ways=seq_ways, memory_token_id=_memory_token_id(bundle.tokenizer))
+                        seq_ways=seq_ways, memory_token_id=_memory_token_id(bundle.tokenizer),
+                        grad_accum=t.grad_accum)
     ckpt = None
     if cfg.checkpoint.dir:
         c = cfg.checkpoint
