@@ -25,7 +25,8 @@ from jaxllama.kernels._dispatch import IMPLEMENTATIONS, UnavailableImplementatio
 class Kernels(NamedTuple):
     """One implementation's two forms: ssd(x, dt, A, B, C, D, initial_state, segment_ids,
     chunk_size) and selective(u, delta, A, B, C, D, initial_state, segment_ids, chunk_size), plus
-    each one's default chunk for a length (None: the form takes no chunk, e.g. `xla`'s Mamba1)."""
+    each one's default chunk for a length (`xla`'s Mamba1 on CPU runs the recurrence and ignores
+    its chunk)."""
 
     ssd: object
     selective: object

@@ -29,9 +29,9 @@ per-channel arrays are [B G S 1 R] (R = channels per group), B and C [B G S N 1]
 The two backends differ in how the sequence is walked:
   - Triton (grid (batch, group, channel block)): one program loops over all chunks itself (Triton
     programs cannot carry state across grid steps); its tiles are whole-sequence views of global
-    memory, read a row at a time; the backward's workspace is a global-memory output. R and N are
-    zero-padded to Triton's power-of-two tensor sizes (padded channels have A = 0, no input: their
-    state stays 0).
+    memory, read a row at a time; the backward's workspace is a global-memory output (a block
+    barrier between its writes and its reads). R and N are zero-padded to Triton's power-of-two
+    tensor sizes (padded channels have A = 0 and no input: their state stays 0).
   - Mosaic TPU (grid (batch, group, channel block, chunk), the chunk axis sequential): the state
     (and in the backward the adjoint, dA and the workspace) live in VMEM scratch across the chunk
     steps, each chunk's tiles double-buffered by the pipeline; the backward's chunk index maps run
@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from jaxllama.kernels._common import F32, pad_to, round_up
 from jaxllama.kernels.ssm_scan import reference
@@ -145,15 +146,22 @@ def _fwd_loop_kernel(u_ref, d_ref, k_ref, a_ref, b_ref, c_ref, h0_ref, y_ref, hs
 
 
 def _bwd_loop_kernel(u_ref, d_ref, k_ref, a_ref, b_ref, c_ref, hs_ref, dy_ref, dfin_ref,
-                     du_ref, dd_ref, db_ref, dc_ref, da_ref, dh0_ref, ws_ref, *, L, nc):
+                     du_ref, dd_ref, db_ref, dc_ref, da_ref, dh0_ref, ws_ref, *, L, nc,
+                     barrier=False):
+    """`barrier` (compiled, not interpreted): a thread-block barrier between writing the global
+    workspace and reading it back, and before the next chunk overwrites it."""
     A = a_ref[...]
     ins = (u_ref, d_ref, k_ref, b_ref, c_ref, dy_ref)
     outs = (du_ref, dd_ref, db_ref, dc_ref)
+    sync = pltriton.debug_barrier if barrier else (lambda: None)
 
     def chunk(j, carry):
         ci = nc - 1 - j
         _recompute(ci * L, L, hs_ref[ci], A, ins, ws_ref)
-        return _reverse(ci * L, L, carry, A, ws_ref, ins, outs)
+        sync()
+        carry = _reverse(ci * L, L, carry, A, ws_ref, ins, outs)
+        sync()
+        return carry
 
     lam, dA = lax.fori_loop(0, nc, chunk, (dfin_ref[...], jnp.zeros_like(A)))
     dh0_ref[...] = lam
@@ -308,7 +316,9 @@ def kernel_scan(be: Backend, L: int):
         looped = be.suffix == "gpu"
         outs = ("chan", "chan", "pcol", "pcol", "state", "state") + (("ws",) if looped else ())
         scratch = () if looped else _tpu_scratch(geo, ("state", "state", "ws"))
-        res = _call(be, geo, "bwd", _bwd_loop_kernel if looped else _bwd_grid_kernel,
+        kernel = (functools.partial(_bwd_loop_kernel, barrier=not be.interpret) if looped
+                  else _bwd_grid_kernel)
+        res = _call(be, geo, "bwd", kernel,
                     (u, d, k, A, Bt, Ct, hs, dy, dfin), (*IN_KINDS, "hs", "chan", "state"),
                     outs, scratch, reverse=True)
         du, dd, db, dc, da, dh0 = res[:6]
