@@ -1,6 +1,9 @@
-"""Length generalization of the embedded SmolLM2-135M-Instruct (trained to 8K): dense vs lambda.
+"""Length generalization of the embedded SmolLM2-135M-Instruct (trained to 8K): dense vs lambda
+(vs FoT memory layers).
 
     python scripts/eval_long_context.py --out runs/long_context
+    python scripts/eval_long_context.py --out runs/lc_fot --fot-checkpoint DIR \
+        --ppl-models= --passkey-models fot,fot-base --lengths 4096,8192,16384,32768
 
 (a) Perplexity of a long natural-language text, the Python Language Reference that ships with
     CPython (`pydoc_data.topics`, nothing downloaded), for dense, all-lambda and a dense/lambda
@@ -12,7 +15,13 @@
     filler before the needle, so that prefix is computed once and its cache reused.
 
 Everything runs through the model's cache in chunks (`--chunk` tokens), so memory stays bounded:
-dense layers hold the whole context, lambda layers G + L entries. Writes `ppl.png`,
+dense layers hold the whole context, lambda layers G + L entries, FoT layers their local window
+(memory layers also their memory of everything before it). `--fot-checkpoint` names a FoT
+checkpoint made from this model (e.g. the final export of configs/recipes/fot-smollm2-cpu.yaml):
+**fot** is that checkpoint, **fot-base** the embedded model with the same FoT layers and no
+fine-tune. Their local window is the checkpoint's `max_position_embeddings`: a passkey further
+back than that is reachable only through the memory layers (`--min-distance` skips cells where
+it is not). Writes `ppl.png`,
 `passkey.png`, `results.md` and `results.json` under `--out` (written to a temporary directory
 first and moved into place at the end, so an interrupted run leaves nothing half-written).
 """
@@ -33,8 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxllama.checkpoint import load_checkpoint
+from jaxllama.checkpoint import CheckpointError, load_checkpoint
 from jaxllama.checkpoint.base import relayout, with_overrides
+from jaxllama.config import ConfigError
+from jaxllama.mixers.fot_attention import mem_layers_of
 from jaxllama.model import Transformer, init_cache
 
 TRAINED = 8192
@@ -154,10 +165,19 @@ def passkey_prompt(tok, n_tokens: int, depth_tokens: int, key: int):
     return np.asarray(before, np.int32), np.asarray(needle + after + question, np.int32)
 
 
+def needle_distance(tok, n_tokens: int, depth_tokens: int) -> int:
+    """Tokens from the end of the needle to the end of the prompt (where the answer starts)."""
+    _, rest = passkey_prompt(tok, n_tokens, depth_tokens, 10000)
+    needle = tok.encode("The pass key is 10000. Remember it. 10000 is the pass key.\n",
+                        add_special_tokens=False)
+    return len(rest) - len(needle)
+
+
 def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed: int,
-            out: dict, save) -> dict:
+            out: dict, save, min_distance: int = 0) -> dict:
     """Accuracy per (length, depth) cell into `out` (cells already there are kept);
-    `trials[length]` trials per cell (0 skips); `save()` after every cell."""
+    `trials[length]` trials per cell (0 skips); `save()` after every cell. Cells whose needle
+    ends fewer than `min_distance` tokens before the answer are skipped (not recorded)."""
     rng = np.random.default_rng(seed)
     for n in lengths:
         k = trials.get(n, 0)
@@ -167,6 +187,10 @@ def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed
             t0 = time.perf_counter()
             # shared prefix: whole align blocks, leaving room for the needle and the question
             depth_tokens = min(round(d * n / align), (n - 64) // align) * align
+            if needle_distance(tok, n, depth_tokens) < min_distance:
+                print(f"  passkey length {n} depth {d}: skipped (needle within "
+                      f"{min_distance} tokens of the question)", flush=True)
+                continue
             prefix, _ = passkey_prompt(tok, n, depth_tokens, 0)
             cache0 = runner.new_cache(n + 16)
             if len(prefix):
@@ -320,13 +344,36 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_models(ck, args) -> dict:
+FOT_MODELS = ("fot", "fot-base")
+
+
+def fot_models(ck, path: str) -> dict:
+    """**fot** (the checkpoint at `path`, for inference: no cross-batch) and **fot-base** (the
+    embedded model's weights in the same layer layout, untuned)."""
+    import dataclasses
+
+    fot = load_checkpoint(path, "float32")
+    cfg = fot.config
+    if cfg.fot is None or cfg.num_layers != ck.config.num_layers:
+        raise ValueError(f"--fot-checkpoint {path}: not a FoT model of the embedded model's "
+                         f"{ck.config.num_layers} layers")
+    cfg = cfg.replace(fot=dataclasses.replace(cfg.fot, cross_batch_range=0))
+    mem = mem_layers_of(cfg)
+    desc = (f"memory layers {','.join(map(str, mem))}, local window "
+            f"{cfg.max_position_embeddings}")
+    return {"fot": (cfg, fot.params, f"{desc}, fine-tuned ({path})"),
+            "fot-base": (cfg, relayout(ck.params, ck.config, cfg), f"{desc}, no fine-tune")}
+
+
+def build_models(ck, args, names=()) -> dict:
     lam = [f"model.lambda.global_tokens={args.global_tokens}",
            f"model.lambda.window={args.window}", f"model.lambda.distance={args.window}"]
     dense_list = ",".join(str(i) for i in args.hybrid_dense)
     patterns = {"dense": None, "lambda": "lambda",
                 "hybrid": f"{{default: lambda, dense: [{dense_list}]}}"}
     models = {}
+    if args.fot_checkpoint and set(names) & set(FOT_MODELS):
+        models.update(fot_models(ck, args.fot_checkpoint))
     for name, pattern in patterns.items():
         if pattern is None:
             models[name] = (ck.config, ck.params, "all 30 layers dense")
@@ -357,6 +404,10 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=1024, help="prefill chunk (tokens)")
     ap.add_argument("--bin", type=int, default=1024, help="perplexity plot bin (tokens)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fot-checkpoint", default=None,
+                    help="FoT checkpoint of this model: adds the models fot and fot-base")
+    ap.add_argument("--min-distance", type=int, default=0,
+                    help="skip passkey cells whose needle is fewer tokens before the question")
     ap.add_argument("--partial", default=None,
                     help="JSON file of finished parts: updated as the run goes, skipped on rerun")
     ap.add_argument("--report-only", action="store_true",
@@ -370,17 +421,22 @@ def main(argv=None) -> int:
         ap.error(f"--out {out} exists (pass --overwrite to replace it)")
     if args.chunk <= 0 or args.chunk % 256:
         ap.error(f"--chunk must be a positive multiple of 256, got {args.chunk}")
-    known = {"dense", "lambda", "hybrid"}
+    known = ("dense", "lambda", "hybrid") + FOT_MODELS
     ppl_models = [m for m in args.ppl_models.split(",") if m]
     key_models = [m for m in args.passkey_models.split(",") if m]
     for m in ppl_models + key_models:
         if m not in known:
-            ap.error(f"unknown model {m!r} (known: dense, lambda, hybrid)")
+            ap.error(f"unknown model {m!r} (known: {', '.join(known)})")
+        if m in FOT_MODELS and not args.fot_checkpoint:
+            ap.error(f"model {m} needs --fot-checkpoint")
     lengths = sorted(args.lengths)
 
     t_start = time.perf_counter()
     ck = load_checkpoint(None)
-    models = build_models(ck, args)
+    try:
+        models = build_models(ck, args, ppl_models + key_models)
+    except (ValueError, OSError, CheckpointError, ConfigError) as e:
+        ap.error(str(e).splitlines()[0])
     if not args.report_only:
         text_ids = np.asarray(ck.tokenizer.encode(natural_text(), add_special_tokens=False),
                               np.int32)
@@ -405,7 +461,7 @@ def main(argv=None) -> int:
         if name in key_models:
             trials = args.dense_trials if name == "dense" and args.dense_trials else args.trials
             passkey(runner, ck.tokenizer, lengths, args.depths, trials, 256, args.seed,
-                    keys.setdefault(name, {}), state.save)
+                    keys.setdefault(name, {}), state.save, args.min_distance)
 
     if not args.report_only:
         command = "python " + " ".join([sys.argv[0]] + (argv or sys.argv[1:]))
@@ -415,7 +471,7 @@ def main(argv=None) -> int:
         state.save()
     runs = state.data["runs"]
     recorded = ([r.get("peak_rss_gb", 0.0) for r in ppl.values()]
-                + [c["peak_rss_gb"] for cells in keys.values() for c in cells.values()])
+                + [c.get("peak_rss_gb", 0.0) for cells in keys.values() for c in cells.values()])
     meta = {"command": " && ".join(r["command"] for r in runs),
                 "machine": f"{os.cpu_count()} CPU cores, JAX {jax.__version__} "
                         f"({jax.default_backend()}), float32",

@@ -60,11 +60,25 @@ def test_partial_state_round_trip(ev, tmp_path):
     assert ev.Partial(None).data == {"perplexity": {}, "passkey": {}, "runs": []}
 
 
+def test_needle_distance_and_min_distance(ev, smollm2_jax):
+    """The needle ends `needle_distance` tokens before the answer; cells closer than
+    --min-distance (a FoT local window) are skipped without running the model."""
+    tok = smollm2_jax.tokenizer
+    needle = tok.encode("The pass key is 10000. Remember it. 10000 is the pass key.\n",
+                        add_special_tokens=False)
+    assert ev.needle_distance(tok, 1024, 256) == 1024 - 256 - len(needle)
+    out, saved = {}, []
+    ev.passkey(None, tok, [1024], [0.5, 0.9], {1024: 1}, 256, 0, out, lambda: saved.append(1),
+               min_distance=1024)
+    assert out == {} and saved == []
+
+
 @pytest.mark.parametrize("args, words", [
     (["--chunk", "100"], ["--chunk", "multiple of 256"]),
     (["--ppl-models", "dense,mamba"], ["unknown model", "mamba"]),
     (["--depths", "0.5,2"], ["--depths", "[0, 1]"]),
     (["--trials", "2048"], ["--trials", "LENGTH:TRIALS"]),
+    (["--passkey-models", "dense,fot"], ["model fot", "--fot-checkpoint"]),
 ])
 def test_bad_flags(ev, tmp_path, capsys, args, words):
     with pytest.raises(SystemExit) as e:

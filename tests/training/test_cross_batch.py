@@ -99,12 +99,15 @@ def test_gradients_flow_into_previous_rows_of_the_same_document(layer):
     assert np.abs(np.asarray(g2[0])).max() == 0.0
 
 
-def test_sharded_equals_unsharded_on_8_devices():
-    """A 2-layer model (fot_local, fot) on 8 rows, one per device on `data`: the loss and its
-    gradients equal the unsharded ones."""
+@pytest.fixture(scope="module")
+def model2():
+    """The 2-layer model (fot_local, fot) on 8 rows, documents of 2 rows (row 2j+1 continues row
+    2j), and its unsharded loss-and-gradient function: compiled once, shared by the sharded test
+    (its reference) and the tiny run."""
     cfg = model_cfg("fot", 1).replace(layer_pattern=("fot_local", "fot"))
     params = init_params(cfg, jax.random.key(0), seq_len=T)
-    tokens = jax.random.randint(jax.random.key(2), (8, T), 0, 64)
+    data = np.random.default_rng(0).integers(1, 64, (4, 2 * T))
+    tokens = jnp.asarray(data.reshape(8, T))  # document j = rows 2j, 2j+1
     seg = jnp.repeat(jnp.arange(1, 5), 2)[:, None] * jnp.ones((8, T), jnp.int32)
     model = Transformer(cfg)
 
@@ -112,7 +115,13 @@ def test_sharded_equals_unsharded_on_8_devices():
         logits, _ = model.apply({"params": p}, tok, segment_ids=s)
         return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tok[:, 1:]).mean()
 
-    f = jax.jit(jax.value_and_grad(loss))
+    return params, tokens, seg, jax.jit(jax.value_and_grad(loss))
+
+
+def test_sharded_equals_unsharded_on_8_devices(model2):
+    """The 2-layer model on 8 rows, one per device on `data` (so each 2-row document straddles
+    a shard edge): the loss and its gradients equal the unsharded ones."""
+    params, tokens, seg, f = model2
     want_l, want_g = f(params, tokens, seg)
     mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1, "seq": 1})
     sh = batch_sharding(mesh)
@@ -123,29 +132,15 @@ def test_sharded_equals_unsharded_on_8_devices():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
 
 
-def test_tiny_cross_batch_run_lowers_the_loss():
+def test_tiny_cross_batch_run_lowers_the_loss(model2):
     """Documents of 2 rows: row 2j+1 continues row 2j. 30 Adam steps lower the loss."""
-    cfg = model_cfg("fot", 1, d=1).replace(layer_pattern=("fot_local", "fot"))
-    params = init_params(cfg, jax.random.key(0), seq_len=T)
-    data = np.random.default_rng(0).integers(1, 64, (4, 2 * T))
-    tokens = jnp.asarray(data.reshape(8, T))  # document j = rows 2j, 2j+1
-    seg = jnp.repeat(jnp.arange(1, 5), 2)[:, None] * jnp.ones((8, T), jnp.int32)
-    model = Transformer(cfg)
+    params, tokens, seg, f = model2
     opt = optax.adam(3e-3)
-
-    def loss(p):
-        logits, _ = model.apply({"params": p}, tokens, segment_ids=seg)
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
-                                                               tokens[:, 1:]).mean()
-
-    @jax.jit
-    def step(p, s):
-        value, g = jax.value_and_grad(loss)(p)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s, value
-
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p))
     state, losses = opt.init(params), []
     for _ in range(30):
-        params, state, value = step(params, state)
+        value, g = f(params, tokens, seg)
+        u, state = update(g, state, params)
+        params = optax.apply_updates(params, u)
         losses.append(float(value))
     assert losses[-1] < 0.7 * losses[0]
