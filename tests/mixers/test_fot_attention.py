@@ -19,7 +19,7 @@ from jaxllama.inference.sampling import SamplingConfig
 from jaxllama.kvcache import plan
 from jaxllama.mixers import spec_of
 from jaxllama.mixers.fot_attention import check_memory
-from jaxllama.model import Transformer, init_cache, init_params, unstack
+from jaxllama.model import Transformer, init_cache, init_params, layer_locations, unstack
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "longllama-tiny"
 W, L, T = 4, 3, 12  # T - L = 9 prefix tokens: windows 4, 4, 1; the last (1) + L fits W
@@ -33,12 +33,35 @@ def tiny(**fot) -> ModelConfig:
                        fot=FoTConfig(last_context_length=L, mem_dtype="float32", **fot))
 
 
+def random_params(cfg: ModelConfig, seed: int) -> dict:
+    """`init_params`' tree filled on the host: no init program to compile (on XLA:CPU that costs
+    more than all of this file's forwards). Norm scales 1 + 0.1 N(0, 1), embeddings N(0, 1), other
+    weights N(0, 1) / sqrt(fan-in)."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), seq_len=1))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name, x = jax.tree_util.keystr(path), rng.standard_normal(leaf.shape, np.float32)
+        if "norm" in name:
+            return jnp.asarray(1 + 0.1 * x)
+        fan_in = cfg.intermediate_size if "down" in name else cfg.hidden_size
+        return jnp.asarray(x if "embed" in name else x / np.sqrt(fan_in))
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
 @pytest.fixture(scope="module")
 def model():
     cfg = tiny()
-    params = init_params(cfg, jax.random.key(0), seq_len=L)  # one window: cheap to trace
     tokens = jax.random.randint(jax.random.key(1), (2, T), 0, 64)
-    return cfg, params, tokens, jax.jit(Transformer(cfg).apply)
+    return cfg, random_params(cfg, 0), tokens, jax.jit(Transformer(cfg).apply)
+
+
+def lengths(cfg: ModelConfig, cache, layer: int) -> tuple[int, int]:
+    """(local length, memory length) of `layer` in a model cache, read on the host (no eager
+    slicing ops to compile per step)."""
+    r, j = layer_locations(cfg)[layer]
+    return int(np.asarray(cache[r].length)[j]), int(np.asarray(cache[r].mem_length)[j])
 
 
 def test_prompt_split_is_the_references():
@@ -71,11 +94,12 @@ def test_forward_without_cache_is_one_cached_call(model):
 
 def test_mem_attention_grouping_changes_nothing(model):
     """The reference's (heads, queries) loop split: the traced program is the same, op for op."""
-    cfg, params, tokens, _ = model
+    cfg, params, tokens, apply = model
     grouped = cfg.replace(fot=dataclasses.replace(cfg.fot, mem_attention_grouping=(1, 2)))
     assert grouped != cfg
-    text = [jax.jit(Transformer(c).apply).lower({"params": params}, tokens).as_text()
-            for c in (cfg, grouped)]
+    # `apply` has traced this call already (test_forward_without_cache_is_one_cached_call)
+    text = [f.lower({"params": params}, tokens).as_text()
+            for f in (apply, jax.jit(Transformer(grouped).apply))]
     assert text[0] == text[1]
 
 
@@ -86,24 +110,23 @@ def decode(model, max_len, steps):
     cache = init_cache(cfg, 2, max_len)
     logits, cache = apply({"params": params}, tokens, jnp.broadcast_to(jnp.arange(T), (2, T)),
                           cache)
-    out, lengths = [logits[:, -1]], []
+    out, seen = [np.asarray(logits)[:, -1]], []  # host-side: no eager ops to compile per step
     for t in range(steps):
-        tok = jnp.argmax(out[-1], -1)[:, None].astype(jnp.int32)
-        logits, cache = apply({"params": params}, tok, jnp.full((2, 1), T + t, jnp.int32), cache)
-        mem = unstack(cfg, cache)[1]
-        out.append(logits[:, -1])
-        lengths.append((int(mem.length), int(mem.mem_length)))
-    return out, lengths, cache
+        tok = jnp.asarray(np.argmax(out[-1], -1)[:, None], jnp.int32)
+        logits, cache = apply({"params": params}, tok, np.full((2, 1), T + t, np.int32), cache)
+        out.append(np.asarray(logits)[:, -1])
+        seen.append(lengths(cfg, cache, 1))
+    return out, seen, cache
 
 
 def test_decode_eviction_then_memory_overflow(model):
     """Local 3 -> 4 (full); the next step moves all 4 into memory before its attention and keeps
     only itself. Four steps later a second eviction needs 13 + 4 of the 15 memory slots: that
     step's logits are NaN and `check_memory` names the sizes."""
-    out, lengths, cache = decode(model, MAX_LEN, 6)
-    assert lengths == [(4, 9), (1, 13), (2, 13), (3, 13), (4, 13), (1, 17)]
-    assert np.isfinite(np.asarray(jnp.stack(out[:6]))).all()
-    assert np.isnan(np.asarray(out[6])).all()
+    out, seen, cache = decode(model, MAX_LEN, 6)
+    assert seen == [(4, 9), (1, 13), (2, 13), (3, 13), (4, 13), (1, 17)]
+    assert np.isfinite(np.stack(out[:6])).all()
+    assert np.isnan(out[6]).all()
     with pytest.raises(ValueError, match=r"fot: memory overflow: 17 entries for a memory of 15"):
         check_memory(cache)
 
@@ -111,9 +134,9 @@ def test_decode_eviction_then_memory_overflow(model):
 def test_a_call_longer_than_the_cache_is_refused(model):
     cfg, params, tokens, _ = model
     with pytest.raises(ValueError, match=r"fot: a piece of 3 tokens does not fit the local "
-                                         r"cache of 2 entries"):
-        Transformer(cfg).apply({"params": params}, tokens[:, :3], jnp.zeros((2, 3), jnp.int32),
-                               init_cache(cfg, 2, 2))
+                                         r"cache of 2 entries"):  # raised while tracing
+        jax.eval_shape(Transformer(cfg).apply, {"params": params}, tokens[:, :3],
+                       jnp.zeros((2, 3), jnp.int32), init_cache(cfg, 2, 2))
 
 
 def test_engine_generates_the_references_greedy_ids():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxllama.checkpoint import load_checkpoint
-from jaxllama.model import Transformer, init_cache, unstack
+from jaxllama.model import Transformer, init_cache, layer_locations, unstack
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "longllama-tiny"
 ATOL = 1e-4  # the README's bar for a float32 reimplementation (max |logit| ~ 9)
@@ -123,17 +123,26 @@ def test_greedy_generation_ids_and_step_logits(checkpoint, manifest, raw_config)
     cache = init_cache(cfg, 1, n + steps)
     logits, cache = step({"params": params}, prompt, jnp.arange(n, dtype=jnp.int32)[None], cache)
     mem = raw_config["mem_layers"][0]
-    got_logits, ids = [logits[0, -1]], [int(jnp.argmax(logits[0, -1]))]
+    where = layer_locations(cfg)  # lengths are read on the host: no eager slicing per step
+
+    def lengths():
+        (r0, j0), (rm, jm) = where[0], where[mem]
+        return int(np.asarray(cache[r0].length)[j0]), int(np.asarray(cache[rm].mem_length)[jm])
+
+    got_logits = [np.asarray(logits)[0, -1]]
+    ids = [int(np.argmax(got_logits[-1]))]
     local_len, mem_len = [], []
     for t in range(1, steps):
-        local_len.append(int(unstack(cfg, cache)[0].length))
-        mem_len.append(int(unstack(cfg, cache)[mem].mem_length))
+        a, b = lengths()
+        local_len.append(a)
+        mem_len.append(b)
         logits, cache = step({"params": params}, jnp.array([[ids[-1]]], jnp.int32),
                              jnp.array([[n - 1 + t]], jnp.int32), cache)
-        got_logits.append(logits[0, -1])
-        ids.append(int(jnp.argmax(logits[0, -1])))
-    local_len.append(int(unstack(cfg, cache)[0].length))
-    mem_len.append(int(unstack(cfg, cache)[mem].mem_length))
+        got_logits.append(np.asarray(logits)[0, -1])
+        ids.append(int(np.argmax(got_logits[-1])))
+    a, b = lengths()
+    local_len.append(a)
+    mem_len.append(b)
     assert ids == want_ids[0].tolist()
     np.testing.assert_allclose(np.stack(got_logits), want_logits[0], atol=ATOL, rtol=0)
     assert local_len == manifest["gen_local_cache_len_after_each_step"]
