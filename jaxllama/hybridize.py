@@ -44,6 +44,7 @@ from jaxllama.checkpoint.zebra import ZebraLayout
 from jaxllama.config import ModelConfig
 
 SSM_CHOICES = ("mamba2", "mamba")
+OUTPUT_FORMATS = ("zebra", "orbax")
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,8 @@ def hybridize(teacher: Mapping[str, np.ndarray], cfg: ModelConfig, plan: HybridP
 
 
 # ----------------------------------------------------------------------------- the CLI
-# `python -m jaxllama.convert hybridize ...` (convert.py hands the arguments here)
+# `python -m jaxllama.convert hybridize ...` (convert.py hands the arguments here); `--to orbax`
+# writes the same model as a jaxllama orbax directory (`zebra_model.model_config` and its params)
 
 LAYOUTS = Path(__file__).resolve().parents[1] / "configs" / "zebra" / "layouts.yaml"
 _PLAN_KEYS = ("mla_layers", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -364,6 +366,10 @@ def parse_args(argv=None):
     p.add_argument("--input", default=None, help="the teacher: HF Llama directory or Hub id (a "
                    ".gguf or orbax directory also works; default: the embedded SmolLM2)")
     p.add_argument("--output", required=True, help="output directory (must be empty or absent)")
+    p.add_argument("--to", choices=OUTPUT_FORMATS, default=OUTPUT_FORMATS[0],
+                   help="zebra: the reference format (config.json + hybrid_config.json + "
+                        "safetensors; default); orbax: a jaxllama orbax directory (model.yaml + "
+                        "params/), what training recipes chain through (Mamba2 hybrids only)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--mla-layers", type=_layers_arg, metavar="0,4,8",
                        help="layers that become MLA; every other layer becomes the SSM")
@@ -473,10 +479,36 @@ def load_teacher(path: str | None):
     return ck.config, tensors, raw, generation_to_hf(ck.generation_config), ck.tokenizer
 
 
+def _check_output(out: str, overwrite: bool) -> None:
+    """Refuse an unusable output directory before any work (the writers check again, atomic)."""
+    p = Path(out)
+    if p.exists() and (not p.is_dir() or (any(p.iterdir()) and not overwrite)):
+        raise CheckpointError(f"{p}: output exists and is not an empty directory "
+                              "(use --overwrite)")
+
+
+def _orbax_params(cfg: ModelConfig, tensors: Iterator[tuple[str, np.ndarray]]) -> dict:
+    """The params tree of `cfg` (a `zebra_model.model_config`) from the hybrid's reference-named
+    tensors; each host array is dropped once it is copied into its stacked buffer."""
+    from jaxllama.checkpoint.base import TensorSource, assemble_params
+    from jaxllama.checkpoint.zebra_model import zebra_tensor_specs
+    held = dict(tensors)
+    src = TensorSource({n: "the hybrid" for n in held}, lambda n: held[n].shape, held.pop,
+                       "the hybrid")
+    return assemble_params(cfg, src, cfg.param_dtype, desc="assembling",
+                           specs=zebra_tensor_specs(cfg))
+
+
 def run(args, argv=None) -> str:
+    """Hybridize `args.input` into `args.output` in the `args.to` format; returns the path."""
     from tqdm.auto import tqdm
 
     from jaxllama.checkpoint.zebra import write_zebra
+    to = getattr(args, "to", OUTPUT_FORMATS[0])
+    _check_output(args.output, args.overwrite)
+    if to == "orbax" and args.ssm != "mamba2":
+        raise CheckpointError(f"--to orbax: --ssm {args.ssm} hybrids have no jaxllama layer kind "
+                              "(only Mamba2 hybrids load as models); write the reference format")
     cfg, teacher, raw, gen, tokenizer = load_teacher(args.input)
     if any(k != cfg.layer_pattern[0] for k in cfg.layer_pattern):
         raise CheckpointError("--input: the teacher must be a plain Llama (one layer kind)")
@@ -488,7 +520,16 @@ def run(args, argv=None) -> str:
                disable=None)
     raw = dict(layout.llama, torch_dtype=args.dtype)
     layout = dataclasses.replace(layout, llama=raw)
-    return write_zebra(args.output, layout, bar, gen, tokenizer, overwrite=args.overwrite)
+    if to == "zebra":
+        return write_zebra(args.output, layout, bar, gen, tokenizer, overwrite=args.overwrite)
+    from jaxllama.checkpoint import save_orbax
+    from jaxllama.checkpoint.base import with_dtype
+    from jaxllama.checkpoint.hf_config import generation_from_hf
+    from jaxllama.checkpoint.zebra_model import model_config
+    hybrid = with_dtype(model_config(layout), args.dtype)
+    params = _orbax_params(hybrid, bar)
+    return save_orbax(hybrid, params, tokenizer, args.output,
+                      generation_from_hf(gen, raw, tokenizer), overwrite=args.overwrite)
 
 
 def main(argv=None) -> int:
@@ -506,9 +547,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    print(f"wrote the hybrid ({args.ssm}) to {out} in {time.perf_counter() - start:.1f}s")
+    print(f"wrote the hybrid ({args.ssm}, {args.to} format) to {out} in "
+          f"{time.perf_counter() - start:.1f}s")
     return 0
 
 
-__all__ = ["LAYOUTS", "SSM_CHOICES", "HybridPlan", "hybrid_tensors", "hybridize", "layout_for",
-           "main", "plan_from_layout", "read_preset", "round_to_bf16", "svd_init_kv", "svd_init_q"]
+__all__ = ["LAYOUTS", "OUTPUT_FORMATS", "SSM_CHOICES", "HybridPlan", "hybrid_tensors", "hybridize",
+           "layout_for", "main", "plan_from_layout", "read_preset", "round_to_bf16", "svd_init_kv",
+           "svd_init_q"]

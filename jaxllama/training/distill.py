@@ -174,16 +174,22 @@ def distill_loss_fn(student: Transformer, teacher: Transformer, stage: str, *,
 
 def distill_step(state: TrainState, teacher_params, batch: dict, *, loss_sums: Callable,
                  tx: optax.GradientTransformation):
-    """One optimizer update of the student on a distillation loss; gradients of the student
-    only (the teacher's parameters are a plain argument, not differentiated)."""
+    """One guarded optimizer update of the student on a distillation loss; gradients of the
+    student only (the teacher's parameters are a plain argument, not differentiated). Metrics
+    as `step.train_step`'s: loss, grad_norm, tokens, finite (an update with a non-finite loss,
+    gradient norm or result is skipped inside the step, the state returned unchanged)."""
     (total, count), grads = jax.value_and_grad(loss_sums, has_aux=True)(
         state.params, teacher_params, batch)
     denom = jnp.maximum(count, 1.0)
     loss, grads = total / denom, jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
+    new = TrainState(state.step + 1, params, opt_state)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+    return new, metrics
 
 
 def teacher_shardings(teacher: Transformer, mesh):

@@ -16,6 +16,8 @@ Stage k trains with `base` plus its own settings and writes `output_dir/<name>/`
 metrics, and `final/`, a jaxllama orbax export); stage k+1 initialises from stage k's `final/`.
 A finished stage (its `final/` exists) is skipped, so rerunning a recipe resumes it, and rerunning
 a finished recipe trains nothing (`complete` in the result).
+A stage of `kind: hybridize` (Zebra-Llama, `training/zebra_recipe.py`) trains nothing: it turns
+a teacher into an MLA + Mamba2 hybrid in its `final/`, which the next stage starts from.
 `validate_recipe` checks every stage with `jax.eval_shape` on an abstract mesh of `devices`
 devices: shapes, shardings and the whole train step are traced, nothing is allocated or run.
 """
@@ -40,10 +42,15 @@ from jaxllama.training.config import (
     train_config_from_dict,
 )
 
+STAGE_KINDS = ("train", "hybridize")
+
 
 @dataclass(frozen=True)
 class StageConfig:
     name: str = ""
+    # train, or hybridize: turn the teacher into a Zebra-Llama hybrid (training/zebra_recipe.py)
+    kind: str = "train"
+    hybridize: dict = field(default_factory=dict)  # a hybridize stage's settings
     seq_len: int = 0
     steps: int = 0
     lr: float = 0.0
@@ -54,6 +61,17 @@ class StageConfig:
     overrides: tuple[str, ...] = ()  # any other dotted overrides of the train config
 
     def __post_init__(self):
+        if self.kind not in STAGE_KINDS:
+            raise ConfigError(f"kind: {self.kind!r} is not one of {STAGE_KINDS} in stage "
+                              f"{self.name or '?'}")
+        if self.kind == "hybridize":
+            if not self.name:
+                raise ConfigError("name: every stage needs a name")
+            from jaxllama.training import zebra_recipe
+            return zebra_recipe.check_stage(self)
+        if self.hybridize:
+            raise ConfigError(f"hybridize: only a stage of kind hybridize takes it (stage "
+                              f"{self.name or '?'})")
         for key in ("seq_len", "steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0 in stage {self.name or '?'}")
@@ -104,6 +122,9 @@ def stage_dir(recipe: RecipeConfig, i: int) -> Path:
 def stage_config(recipe: RecipeConfig, i: int) -> TrainConfig:
     """The train config of stage i: base + stage settings; stage i > 0 starts from stage i-1."""
     st, base = recipe.stages[i], recipe.base
+    if st.kind == "hybridize":
+        from jaxllama.training import zebra_recipe
+        return zebra_recipe.stage_config(recipe, i)
     rope = dict(st.rope)
     if st.rope_theta is not None:
         rope["theta"] = st.rope_theta
@@ -115,9 +136,10 @@ def stage_config(recipe: RecipeConfig, i: int) -> TrainConfig:
         model = {"kernels": copy.deepcopy(base.model.get("kernels", {}))}
         init = dataclasses.replace(base.init, checkpoint=str(stage_dir(recipe, i - 1) / "final"))
     model = migrate_model_dict(model)
-    merged_attention = {**model.get("attention", {}), **attention}
-    merged_attention["rope"] = {**model.get("attention", {}).get("rope", {}), **rope}
-    model["attention"] = merged_attention
+    if rope or "attention" in model:  # no empty rope: it would reset a loaded model's RoPE
+        merged_attention = {**model.get("attention", {}), **attention}
+        merged_attention["rope"] = {**model.get("attention", {}).get("rope", {}), **rope}
+        model["attention"] = merged_attention
     # the context the model has been trained for so far (never shrinks from stage to stage)
     max_pos = migrate_model_dict(base.model).get("max_position_embeddings", 0)
     model["max_position_embeddings"] = max([max_pos] + [s.seq_len for s in recipe.stages[: i + 1]])
@@ -148,7 +170,11 @@ def run_recipe(recipe: RecipeConfig) -> dict[str, Any]:
         if (stage_dir(recipe, i) / "final").is_dir():
             results.append({"stage": st.name, "skipped": True})
             continue
-        out = run(stage_config(recipe, i))
+        if st.kind == "hybridize":
+            from jaxllama.training import zebra_recipe
+            out = zebra_recipe.run_stage(recipe, i)
+        else:
+            out = run(stage_config(recipe, i))
         results.append({"stage": st.name, "step": out["step"], "loss": out["loss"],
                         "complete": bool(out.get("complete"))})
         if out["stopped"]:
@@ -227,14 +253,26 @@ def _count(n: float, digits: int = 1) -> str:
 
 def validate_recipe(recipe: RecipeConfig) -> list[str]:
     """`validate_train_config` of every stage (stage > 0 uses the base model + stage changes)."""
+    from jaxllama.training import zebra_recipe
+
     lines = []
+    hybrid = None  # the model mapping a hybridize stage makes, for the stages after it
     for i, st in enumerate(recipe.stages):
         cfg = stage_config(recipe, i)
-        if i > 0:  # its checkpoint does not exist yet: same model as the base, this stage's rope
+        if st.kind == "hybridize":
+            hybrid = zebra_recipe.hybrid_model(recipe, i)
+            lines.append(f"stage {st.name}: hybridize to {len(hybrid['layer_pattern'])} layers "
+                         f"({', '.join(sorted(set(hybrid['layer_pattern'])))}): ok")
+            continue
+        if hybrid is not None:  # that hybrid, with this stage's model settings
+            model = {**hybrid, **{k: v for k, v in cfg.model.items() if k != "attention"}}
+            cfg = cfg.replace(model=model)
+        elif i > 0:  # its checkpoint does not exist yet: same model as the base, this stage's rope
             model = migrate_model_dict(copy.deepcopy(recipe.base.model))
-            model["attention"] = {**model.get("attention", {}), **cfg.model["attention"],
+            stage_rope = cfg.model.get("attention", {}).get("rope", {})
+            model["attention"] = {**model.get("attention", {}), **cfg.model.get("attention", {}),
                                   "rope": {**model.get("attention", {}).get("rope", {}),
-                                           **cfg.model["attention"]["rope"]}}
+                                           **stage_rope}}
             model["max_position_embeddings"] = cfg.model["max_position_embeddings"]
             cfg = cfg.replace(model=model)
         lines.append(validate_train_config(cfg, recipe.devices, f"stage {st.name}"))

@@ -14,8 +14,6 @@ dense and lambda students: the loss code never asks a layer's kind).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +23,7 @@ import pytest
 from jaxllama.block import Block
 from jaxllama.config import AttentionConfig, LambdaConfig, ModelConfig
 from jaxllama.model import Transformer, init_params, relayout_params, unstack, unstack_params
-from jaxllama.sharding import MeshConfig, make_mesh
+from jaxllama.sharding import MeshConfig, make_mesh, use_mesh
 from jaxllama.training.distill import (
     compile_distill_step,
     distill_loss_fn,
@@ -81,7 +79,6 @@ def _batch(seed=0, pad=3):
             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()}
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _captured(cfg, params, batch):
     """Each layer's block output, captured by flax from the unstacked model's own forward."""
     _, state = Transformer(cfg, unstacked=True).apply(
@@ -96,13 +93,16 @@ def _rms(x, w, eps):
     return w * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
-def _loss_and_grads(loss):
-    """jit(value_and_grad) over (student, teacher) params: the value and both gradients."""
+def _loss_and_grads(loss, reference=None):
+    """One jitted program (one compile): the mean loss, its gradients over (student, teacher)
+    params, and `reference(p, tp, b)`'s arrays for the test's own definition."""
     def mean(p, tp, b):
         total, count = loss(p, tp, b)
         return total / count
 
-    return jax.jit(jax.value_and_grad(mean, argnums=(0, 1)))
+    grads = jax.value_and_grad(mean, argnums=(0, 1))
+    return jax.jit(lambda p, tp, b: (grads(p, tp, b),
+                                     None if reference is None else reference(p, tp, b)))
 
 
 def _assert_teacher_gets_no_gradient(g_student, g_teacher):
@@ -110,17 +110,30 @@ def _assert_teacher_gets_no_gradient(g_student, g_teacher):
     assert float(optax.tree.norm(g_student)) > 0
 
 
+def _layerwise_reference(student):
+    """The definition's float32 pieces: the teacher's blocks' outputs captured by flax, the
+    teacher's `layer_states`, and each student block on the teacher's input of its layer."""
+    def reference(p, tp, b):
+        t_out = _captured(TEACHER, tp, b)
+        states = layer_states(TEACHER, tp, b["inputs"], b["positions"], b["segment_ids"])
+        t_in = [tp["embed"]["embedding"][b["inputs"]]] + t_out[:-1]
+        ys = [Block(student, student.layer_pattern[layer]).apply(
+                  {"params": lp}, t_in[layer], b["positions"], None, b["segment_ids"])[0]
+              for layer, lp in enumerate(unstack(student, p))]
+        return t_out, states, ys
+    return reference
+
+
 def test_layerwise_loss_matches_its_definition(teacher_params):
     student = STUDENT
     params = _student_params(teacher_params, student)
     batch = _batch()
     loss = distill_loss_fn(Transformer(student), Transformer(TEACHER), "layerwise")
-    value, (g_student, g_teacher) = _loss_and_grads(loss)(params, teacher_params, batch)
+    (value, (g_student, g_teacher)), (t_out, (states, normed), ys) = _loss_and_grads(
+        loss, _layerwise_reference(student))(params, teacher_params, batch)
     _assert_teacher_gets_no_gradient(g_student, g_teacher)
     # layer_states is the model's forward: its states are the blocks' captured outputs
-    t_out = [np.asarray(a, np.float64) for a in _captured(TEACHER, teacher_params, batch)]
-    states, normed = jax.jit(lambda p, b: layer_states(
-        TEACHER, p, b["inputs"], b["positions"], b["segment_ids"]))(teacher_params, batch)
+    t_out = [np.asarray(a, np.float64) for a in t_out]
     t_norm = np.asarray(teacher_params["norm"]["scale"])
     for i, out in enumerate(t_out):
         np.testing.assert_allclose(states[i + 1], out, rtol=0, atol=1e-5)
@@ -128,13 +141,10 @@ def test_layerwise_loss_matches_its_definition(teacher_params):
                                atol=1e-4)
     # the definition: student blocks on the teacher's inputs, per-token L2, mean, sum
     emb = np.asarray(teacher_params["embed"]["embedding"], np.float64)[batch["inputs"]]
-    t_in = [emb] + t_out[:-1]
+    np.testing.assert_array_equal(np.asarray(states[0], np.float64), emb)  # the layer-0 input
     mask = batch["segment_ids"] != 0
     want = 0.0
-    for layer, lp in enumerate(unstack(student, params)):
-        block = Block(student, student.layer_pattern[layer])
-        y, _ = jax.jit(block.apply)({"params": lp}, jnp.asarray(t_in[layer], jnp.float32),
-                                    batch["positions"], None, batch["segment_ids"])
+    for layer, y in enumerate(ys):
         y, t = np.asarray(y, np.float64), t_out[layer]
         if layer == student.num_layers - 1:
             y = _rms(y, np.asarray(params["norm"]["scale"]), student.rms_norm_eps)
@@ -154,12 +164,14 @@ def test_kl_loss_matches_its_definition(teacher_params):
     batch = _batch(seed=2)
     s_model, t_model = Transformer(STUDENT), Transformer(TEACHER)
     loss = distill_loss_fn(s_model, t_model, "kl", kl_weight=kl_w, ce_weight=ce_w, loss_chunk=4)
-    value, (g_student, g_teacher) = _loss_and_grads(loss)(params, teacher_params, batch)
+
+    def logits(p, tp, b):  # both models' full logits, for the definition
+        args = (b["inputs"], b["positions"], None, b["segment_ids"])
+        return s_model.apply({"params": p}, *args)[0], t_model.apply({"params": tp}, *args)[0]
+
+    (value, (g_student, g_teacher)), (ls, lt) = _loss_and_grads(loss, logits)(
+        params, teacher_params, batch)
     _assert_teacher_gets_no_gradient(g_student, g_teacher)
-    args = (batch["inputs"], batch["positions"], None, batch["segment_ids"])
-    ls, lt = jax.jit(lambda p, tp, a: (s_model.apply({"params": p}, *a)[0],
-                                       t_model.apply({"params": tp}, *a)[0]))(
-        params, teacher_params, args)
     ls, lt = (_log_softmax(np.asarray(x, np.float64)) for x in (ls, lt))
     kl = np.sum(np.exp(lt) * (lt - ls), axis=-1)
     ce = -np.take_along_axis(ls, batch["targets"][..., None], axis=-1)[..., 0]
@@ -177,8 +189,17 @@ def _run(stage, mesh, teacher_params, steps, lr=1e-3):
     losses, batch = [], _batch(seed=5)
     for _ in range(steps):
         state, m = step(state, batch)
+        assert bool(m["finite"])
         losses.append(float(m["loss"]))
-    return losses, jax.device_get(state.params)
+    params = jax.device_get(state.params)
+    # a guarded step: a teacher that makes the loss non-finite leaves the state as it was
+    bad = place_teacher(teacher, jax.tree.map(lambda a: a * jnp.nan, teacher_params), mesh)
+    with use_mesh(mesh):  # as `step` calls it: the same program, no new compile
+        kept, m = step.jitted(state, bad, batch)
+    assert not bool(m["finite"]) and int(kept.step) == steps
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(kept.params))):
+        np.testing.assert_array_equal(x, y)
+    return losses, params
 
 
 @pytest.mark.parametrize("stage", ["layerwise", "kl"])
