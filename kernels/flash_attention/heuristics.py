@@ -94,3 +94,21 @@ def tpu_blocks(t: int, s: int, groups: int = 1, head_dim: int = 128,
     per_row = 4 * (head_dim + (value_dim or head_dim) + bk)
     max_bq = max(16, TPU_ROW_BYTES_BUDGET // (per_row * groups) // 16 * 16)
     return TpuBlocks(_balanced(t, min(512, max_bq), 16), bk)
+
+
+# `xla_masked` (masked.py) on CPU: query rows per chunk (a chunk holds [B N rows S] float32
+# scores), and the key lengths up to which `auto` runs it instead of the blockwise reference.
+# Set from `scripts/bench_cpu_prefill.py --only attention` (BENCHMARKS.md, "CPU attention").
+MASKED_BLOCK_Q = 512
+CPU_MASKED_MAX_KEYS = 0  # 0: `auto` never chooses it
+
+
+def masked_block_q(t: int) -> int:
+    """Query rows per chunk of the masked implementation: `MASKED_BLOCK_Q`, balanced over t."""
+    return _balanced(t, MASKED_BLOCK_Q)
+
+
+def cpu_masked_attention(t: int, s: int) -> bool:
+    """Whether `auto` on CPU runs `xla_masked` for t queries over s keys: a prefill (t > 1) over
+    at most `CPU_MASKED_MAX_KEYS` keys."""
+    return t > 1 and s <= CPU_MASKED_MAX_KEYS
