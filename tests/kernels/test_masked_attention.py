@@ -1,7 +1,7 @@
 """The `xla_masked` attention (a few large masked products, kernels/flash_attention/masked.py)
 against the naive dense softmax on every case of test_attention_kernels.py (forward, lse and
 gradients, float32 and bfloat16, through the kernel test base), with its own query chunking; and
-`auto` on CPU choosing it exactly where `heuristics.cpu_masked_attention` says."""
+`auto` on CPU choosing it exactly where the blockwise loop would run one block."""
 
 import dataclasses
 
@@ -30,11 +30,12 @@ class TestXlaMasked(AttentionKernelTest):
                              q_offset=3, k_offset=3, segments="packed"))
 
 
-@pytest.mark.parametrize("t,s,limit", [(16, 64, 64), (16, 64, 32), (1, 64, 64)])
-def test_auto_chooses_masked_where_the_heuristic_says(t, s, limit, monkeypatch):
-    """`auto` on CPU lowers to the masked program iff t > 1 and s <= CPU_MASKED_MAX_KEYS, and to
-    the blockwise one otherwise (the two programs differ)."""
-    monkeypatch.setattr(heuristics, "CPU_MASKED_MAX_KEYS", limit)
+@pytest.mark.parametrize("t,s,masked", [(1, 64, True), (5, 2176, True), (1, 70000, False),
+                                        (300, 300, False)],
+                         ids=["decode", "speculative_check", "decode_long_cache", "prefill"])
+def test_auto_chooses_masked_where_one_block_would_run(t, s, masked):
+    """`auto` on CPU lowers to the masked program exactly where the blockwise reference would
+    take one query block and one key block, and to the blockwise one otherwise."""
     q = jnp.ones((1, t, 2, 8), jnp.float32)
     k = jnp.ones((1, s, 2, 8), jnp.float32)
 
@@ -42,7 +43,9 @@ def test_auto_chooses_masked_where_the_heuristic_says(t, s, limit, monkeypatch):
         fn = lambda q, k: attend(q, k, k, Mask(causal=True), implementation=impl)
         return jax.jit(fn).lower(q, k).as_text()
 
-    want = "xla_masked" if t > 1 and s <= limit else "xla"
+    bq, bk = heuristics.reference_blocks(t, s)
+    want = "xla_masked" if t <= bq and s <= bk else "xla"
+    assert (want == "xla_masked") == masked
     assert heuristics.cpu_masked_attention(t, s) == (want == "xla_masked")
     assert hlo("auto") == hlo(want)
     assert hlo("xla_masked") != hlo("xla")
