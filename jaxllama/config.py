@@ -29,7 +29,8 @@ KIND_FIELDS: dict[str, str | None] = {"dense": "attention", "lambda": "lambda_",
                                       "mla": "mla"}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
-IMPLEMENTATIONS = ("auto", "xla", "pallas_interpret", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = ("auto", "xla", "xla_masked", "pallas_interpret", "pallas_gpu",
+                   "pallas_tpu")
 
 
 class ConfigError(ValueError):
@@ -292,7 +293,7 @@ CONTEXT_DEFAULTS = {"lambda_": LambdaConfig.for_context, "fot": FoTConfig.for_co
 class KernelConfig:
     """Which implementation runs each op, and how the layer loop is compiled."""
 
-    attention: str = "xla"  # auto | xla | pallas_interpret | pallas_gpu | pallas_tpu
+    attention: str = "xla"  # auto | xla | xla_masked | pallas_interpret | pallas_gpu | pallas_tpu
     ssm_scan: str = "xla"  # the same names, for the selective-scan op (kernels/ssm_scan)
     scan_layers: bool = True  # scan over runs of identical layers: compile time flat in depth
     remat: str = "none"  # none | full | dots (checkpoint policy for training)

@@ -58,7 +58,11 @@ def cpu_info(path: str = "/proc/cpuinfo") -> CpuInfo:
 
 
 # (required features, flags): the first rule whose features the CPU has all of applies. Each
-# entry needs its measurement in BENCHMARKS.md ("CPU flags"); none has one yet, so none is set.
+# entry needs its measurement in BENCHMARKS.md ("CPU flags"). On AVX2 without bfloat16 units
+# (AMD EPYC, 2026-12-01) --xla_cpu_use_onednn, --xla_cpu_use_xnnpack and
+# --xla_cpu_experimental_xnn_fusion_type=dot showed no consistent gain on the prefill product or
+# the decode matrix-vector products (measured under heavy load), so no rule is keyed to avx2; a
+# CPU with avx512_bf16 / amx_bf16 still needs its own measurement before a rule enters.
 RULES: tuple[tuple[frozenset[str], tuple[str, ...]], ...] = ()
 
 

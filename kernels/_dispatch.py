@@ -7,7 +7,9 @@ Each op (`attention`, and `ssm_scan` next) registers itself from its `api.py`:
 
 Implementation names are shared by every op (`IMPLEMENTATIONS`; `KernelConfig` validates its
 per-op fields against the same list): `xla` (the op's pure-jnp reference, any platform, required),
-`pallas_interpret` (the GPU kernel body run by the Pallas interpreter, any platform), `pallas_gpu`,
+`xla_masked` (attention only: a few large masked products instead of the blockwise loop, any
+platform), `pallas_interpret` (the GPU kernel body run by the Pallas interpreter, any platform),
+`pallas_gpu`,
 `pallas_tpu`, and `auto`, which reads the op's own table: platform -> implementation, `xla` where the
 platform is not listed, logged once per (op, platform). A named implementation never falls back:
 `resolve` raises `UnavailableImplementation` when the op does not have it or this machine cannot
@@ -33,7 +35,7 @@ from typing import Any
 
 import jax
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas_interpret", "pallas_gpu", "pallas_tpu")
+IMPLEMENTATIONS = ("auto", "xla", "xla_masked", "pallas_interpret", "pallas_gpu", "pallas_tpu")
 _PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
 log = logging.getLogger("jaxllama.kernels")

@@ -45,6 +45,7 @@ right after it (`free_donated`): the decode loop never holds two caches.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -100,6 +101,7 @@ class EngineDefaults:
     decode_dtype: str
     cache_dtype: str
     layout: DecodeLayout
+    fused_decode: bool = False  # decode from fused q/k/v and gate/up kernels (inference/decode.py)
 
 
 def engine_defaults(platform: str, param_dtype: str, cpu_has_bf16: bool) -> EngineDefaults:
@@ -111,7 +113,7 @@ def engine_defaults(platform: str, param_dtype: str, cpu_has_bf16: bool) -> Engi
         return EngineDefaults(param_dtype, param_dtype, param_dtype, DecodeLayout())
     prefill = "bfloat16" if param_dtype == "bfloat16" and cpu_has_bf16 else "float32"
     return EngineDefaults(prefill, "float32", "float32",
-                          DecodeLayout(unstacked=True, separate_head=True))
+                          DecodeLayout(unstacked=True, separate_head=True), fused_decode=True)
 
 
 class GenerationError(ValueError):
@@ -189,10 +191,14 @@ class Engine:
     def __init__(self, cfg: ModelConfig, params, *, prefill_dtype: str | None = None,
                  decode_dtype: str | None = None, cache_dtype: str | None = None,
                  unstacked: bool | None = None, separate_head: bool | None = None,
-                 prefill_chunk: int = 2048, min_bucket: int = 16, stream_every: int = 1,
-                 platform: str | None = None):
+                 fused: bool | None = None, prefill_chunk: int = 2048, min_bucket: int = 16,
+                 stream_every: int = 1, platform: str | None = None):
         """Unset options take `engine_defaults(platform)` (default: `jax.default_backend()`);
-        `unstacked` / `separate_head` choose the `DecodeLayout`."""
+        `unstacked` / `separate_head` choose the `DecodeLayout`; `fused` decodes from fused
+        q/k/v and gate/up kernels (default: on CPU, where the layout copies the weights anyway,
+        `inference/decode.py`). On CPU a config
+        naming the `xla` attention runs `auto` instead (both pure XLA: `auto` picks the masked
+        products where they measured faster, kernels/flash_attention/heuristics.py)."""
         platform = platform or jax.default_backend()
         on_cpu = platform.lower() == "cpu"
         d = engine_defaults(platform, cfg.param_dtype, on_cpu and cpu_has_bfloat16_units())
@@ -203,9 +209,15 @@ class Engine:
         # the cache follows an explicit decode dtype where the default is the compute dtype
         self.cache_dtype = dtype_of(cache_dtype or (d.cache_dtype if on_cpu
                                                     else self.decode_cfg.dtype))
-        self.layout = DecodeLayout(
-            unstacked=d.layout.unstacked if unstacked is None else unstacked,
-            separate_head=d.layout.separate_head if separate_head is None else separate_head)
+        unstacked = d.layout.unstacked if unstacked is None else unstacked
+        separate_head = d.layout.separate_head if separate_head is None else separate_head
+        self.layout = DecodeLayout(unstacked=unstacked, separate_head=separate_head)
+        # by default only where the layout copies the weights anyway
+        self.fused = d.fused_decode and (unstacked or separate_head) if fused is None else fused
+        if on_cpu and cfg.kernels.attention == "xla":
+            auto = dataclasses.replace(cfg.kernels, attention="auto")
+            self.prefill_cfg = self.prefill_cfg.replace(kernels=auto)
+            self.decode_cfg = self.decode_cfg.replace(kernels=auto)
         self.prefill_chunk = prefill_chunk
         self.min_bucket = min_bucket
         self.stream_every = stream_every
@@ -289,7 +301,7 @@ class Engine:
         themselves when the layout is stacked and the dtype theirs)."""
         if self._weights is None:
             self._weights = decode_weights(self.cfg, self.params, dtype_of(self.decode_cfg.dtype),
-                                           self.layout)
+                                           self.layout, fused=self.fused)
         return self._weights
 
     def context_length(self, max_len: int | None = None) -> int:

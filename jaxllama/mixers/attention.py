@@ -90,10 +90,16 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     def project(self, x: Hidden):
-        """Un-rotated q [B T N H], k, v [B T K H] (lambda attention also needs them raw)."""
+        """Un-rotated q [B T N H], k, v [B T K H] (lambda attention also needs them raw). A decode
+        copy of the weights may hold `qkv_proj` [D N+2K H] (`fuse_decode_params`) in place of the
+        three: one product per token instead of three."""
         c, a = self.cfg, self.cfg.attention
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "use_bias": a.bias}
         d, n, k, h = c.hidden_size, a.num_heads, a.num_kv_heads, c.head_dim
+        if self.has_variable("params", "qkv_proj"):
+            qkv = Linear((d,), (n + 2 * k, h), ("embed", "q_heads", "head_dim"), name="qkv_proj",
+                         **kw)(x)  # [B T N+2K H]
+            return qkv[..., :n, :], qkv[..., n:n + k, :], qkv[..., n + k:, :]
         q = Linear((d,), (n, h), ("embed", "q_heads", "head_dim"), name="q_proj", **kw)(x)  # [B T N H]
         key = Linear((d,), (k, h), ("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)  # [B T K H]
         val = Linear((d,), (k, h), ("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
@@ -110,6 +116,18 @@ class Attention(nn.Module):
         return Linear((a.num_heads, c.head_dim), (c.hidden_size,), ("q_heads", "head_dim", "embed"),
                       name="o_proj", use_bias=a.bias, dtype=self.dtype,
                       param_dtype=self.param_dtype)(out)  # [B T N H] -> [B T D]
+
+    @staticmethod
+    def fuse_decode_params(params: dict) -> dict:
+        """The mixer's params with q_proj, k_proj, v_proj [.. D N|K H] (and biases [.. N|K H])
+        replaced by `qkv_proj` [.. D N+2K H], concatenated along the heads axis (leading layer
+        axes pass through): what `project` reads in place of the three. Every subclass that
+        projects through `project` (lambda, FoT) reads it too."""
+        names = ("q_proj", "k_proj", "v_proj")
+        fused = {"kernel": jnp.concatenate([params[p]["kernel"] for p in names], axis=-2)}
+        if "bias" in params["q_proj"]:
+            fused["bias"] = jnp.concatenate([params[p]["bias"] for p in names], axis=-2)
+        return {**{k: v for k, v in params.items() if k not in names}, "qkv_proj": fused}
 
     @nn.compact
     def __call__(self, x: Hidden, positions: Positions, cache: KVCache | None = None,

@@ -1,16 +1,20 @@
 """The only entry point for attention: `attend(q, k, v, mask, extra=..., implementation=...)`.
 
 Registers the op `attention` with `_dispatch`: `auto` runs `pallas_gpu` on GPUs, `pallas_tpu` on
-TPUs and the blockwise jnp reference (`xla`) elsewhere; `pallas_interpret` runs the GPU kernel body
-in the Pallas interpreter (CPU tests).
+TPUs and the blockwise jnp reference (`xla`) elsewhere, except on CPU for the shapes where the
+few large masked products (`xla_masked`, masked.py) measured faster
+(`heuristics.cpu_masked_attention`); `pallas_interpret` runs the GPU kernel body in the Pallas
+interpreter (CPU tests).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from jaxllama.kernels import _dispatch
 from jaxllama.kernels._common import merge_partials
 from jaxllama.kernels._dispatch import IMPLEMENTATIONS, UnavailableImplementation
+from jaxllama.kernels.flash_attention import heuristics
 from jaxllama.kernels.flash_attention.mask import (
     ALWAYS,
     BEYOND_WINDOW,
@@ -30,6 +34,12 @@ def _load_xla():
     return reference.attend_blockwise, ()
 
 
+def _load_masked():
+    from jaxllama.kernels.flash_attention import masked
+
+    return masked.attend_masked, ()
+
+
 def _load_gpu(interpret: bool):
     def load():
         from jaxllama.kernels.flash_attention import pallas_gpu
@@ -46,7 +56,7 @@ def _load_tpu():
 
 _dispatch.register(
     "attention", auto={"gpu": "pallas_gpu", "tpu": "pallas_tpu"},
-    implementations={"xla": _load_xla, "pallas_interpret": _load_gpu(True),
+    implementations={"xla": _load_xla, "xla_masked": _load_masked, "pallas_interpret": _load_gpu(True),
                      "pallas_gpu": _load_gpu(False), "pallas_tpu": _load_tpu})
 
 
@@ -87,7 +97,15 @@ def _check(q, k, v, mask: Mask, extra: ExtraColumns | None):
                              f"= {(b, m)}")
 
 
+def _static_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _one_set(fn, options, cols: Columns, scale, out_dtype, q, k, v, q_offset, k_offset, qseg, kseg):
+    if ("offsets", None) in options:  # xla_masked: Python-int offsets let it slice keys statically
+        options = tuple(o for o in options if o != ("offsets", None))
+        if _static_int(q_offset) and _static_int(k_offset):
+            options = (*options, ("offsets", (int(q_offset), int(k_offset))))
     i32 = lambda x: jnp.asarray(x, jnp.int32)
     aux = Aux(i32(q_offset), i32(k_offset), i32(qseg) if cols.segments else None,
               i32(kseg) if cols.segments else None)
@@ -109,7 +127,12 @@ def attend(q, k, v, mask: Mask, *, extra: ExtraColumns | None = None, scale: flo
     overrides the implementation's heuristics (tuning and tests).
     """
     _check(q, k, v, mask, extra)
-    _, (fn, options) = _dispatch.implementation("attention", implementation)
+    chosen, (fn, options) = _dispatch.implementation("attention", implementation)
+    if (implementation == "auto" and chosen == "xla" and _dispatch.platform() == "cpu"
+            and heuristics.cpu_masked_attention(q.shape[1], k.shape[1])):
+        chosen, (fn, options) = _dispatch.implementation("attention", "xla_masked")
+    if chosen == "xla_masked":
+        options = (*options, ("offsets", None))  # filled per column set by `_one_set`
     if block_sizes is not None:
         bq, bk = (int(x) for x in block_sizes)
         if bq < 1 or bk < 1:

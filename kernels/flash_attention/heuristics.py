@@ -94,3 +94,24 @@ def tpu_blocks(t: int, s: int, groups: int = 1, head_dim: int = 128,
     per_row = 4 * (head_dim + (value_dim or head_dim) + bk)
     max_bq = max(16, TPU_ROW_BYTES_BUDGET // (per_row * groups) // 16 * 16)
     return TpuBlocks(_balanced(t, min(512, max_bq), 16), bk)
+
+
+# `xla_masked` (masked.py): query rows per chunk (a chunk holds [B N rows S] float32 scores).
+MASKED_BLOCK_Q = 512
+
+
+def masked_block_q(t: int) -> int:
+    """Query rows per chunk of the masked implementation: `MASKED_BLOCK_Q`, balanced over t."""
+    return _balanced(t, MASKED_BLOCK_Q)
+
+
+def cpu_masked_attention(t: int, s: int) -> bool:
+    """Whether `auto` on CPU runs `xla_masked` for t queries over s keys: exactly where the
+    blockwise reference would take one query block and one key block (a decode step, a
+    speculative check, a short prompt). There both compute the same products over all S
+    columns, and the masked form drops the key-block loop and the online rescaling; on a 2-core
+    AVX2 EPYC a one-token step over 2176 slots ran in about 0.3-0.8x the blockwise time, while
+    at T = 512-4096 (several blocks) the masked products were 1.1-4.8x slower (BENCHMARKS.md,
+    "CPU attention"), so prefills of several blocks keep the blockwise loop."""
+    bq, bk = reference_blocks(t, s)
+    return t <= bq and s <= bk
