@@ -140,6 +140,7 @@ def _stats_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.usefixtures("without_compile_cache")  # the status line waits 0.3 s of compiling
 def test_stats_line_counts_every_prompt_and_status_lines(tiny_hf, capsys):
     from jaxllama.generate import main
 

@@ -136,6 +136,7 @@ def assert_matches_reference(result):
     assert min(moved) > 0  # the step really updated every parameter
 
 
+@pytest.mark.usefixtures("without_compile_cache")  # the partitioner's warnings print when it runs
 def test_sharded_train_step_equals_single_device(capfd):
     """(data, fsdp, tensor) = (2, 2, 2) mesh, chunked loss and 2-way gradient accumulation on the
     sharded side: loss, gradients and the AdamW update equal the single-device step, and XLA's

@@ -17,8 +17,10 @@ TINY = "configs/train/tiny.yaml"
 
 def _env(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
-               # the three runs compile the same programs: share them through the disk cache
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               # the runs compile the same programs: share them through the disk cache (the test
+               # run's, tests/conftest.py, so other tests' runs of the tiny config share them too)
+               JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR")
+               or str(tmp_path / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     env.pop("XLA_FLAGS", None)
     return env
