@@ -101,6 +101,7 @@ def run_one(c: dict) -> dict:
                fits=ways * peak <= c["host_gib"] * 2 ** 30)
     if not (c["run"] and out["fits"]):
         return out
+    print("COMPILED " + json.dumps(out), flush=True)  # the memory figures, should the run fail
     t0 = time.perf_counter()
     state, m = compiled(state, batch)
     m = jax.device_get(m)
@@ -151,7 +152,13 @@ def child(c: dict, timeout: int) -> tuple[dict | None, str]:
     except subprocess.TimeoutExpired:
         return None, f"timeout after {timeout}s"
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    err = (out.stderr.strip().splitlines() or ["failed"])[-1][:100]
+    lines = out.stderr.strip().splitlines() or ["failed"]
+    err = next((ln for ln in reversed(lines) if "RESOURCE_EXHAUSTED" in ln or "Error" in ln),
+               lines[-1])[:100]
+    if not line:
+        compiled = [ln for ln in out.stdout.splitlines() if ln.startswith("COMPILED ")]
+        if compiled:  # compiled, then the run failed: keep the memory figures
+            return {**json.loads(compiled[-1][9:]), "failed": err}, err
     return (json.loads(line[-1][7:]) if line else None), err
 
 
@@ -234,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append((coarse, rc, err_c))
             for c, res, e in rows:
                 _print_row(c, res, e, est if c is fine else None, args)
-            if r is None or not r["fits"]:
+            if r is None or not r["fits"] or "failed" in r:
                 break
             t *= 2
     return 0
@@ -252,8 +259,8 @@ def _print_row(c: dict, r: dict | None, err: str, est: float | None, args) -> No
         print(f"{head}{mem} | {r['compile_s']:.0f} | does not fit in {args.host_gib:g} GiB | | |"
               " |", flush=True)
     elif "step_s" not in r:
-        why = ("compiled only" if args.memory_only else
-               f"not run: estimated {est / 60:.0f} min per step")
+        why = ("compiled only" if args.memory_only else f"run failed: {r['failed']}"
+               if "failed" in r else f"not run: estimated {est / 60:.0f} min per step")
         print(f"{head}{mem} | {r['compile_s']:.0f} | {why} | | | |", flush=True)
     else:
         print(f"{head}{mem} {r['rss_gib']:.2f} | {r['compile_s']:.0f} | {r['step_s']:.0f} |"
