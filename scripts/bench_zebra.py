@@ -1,0 +1,160 @@
+"""Zebra-Llama on SmolLM2 (configs/recipes/zebra-smollm2-cpu.yaml): the hybrid after each stage
+against its teacher, an answer, and decode speed and cache bytes against the dense teacher.
+
+    python scripts/bench_zebra.py --run runs/zebra-smollm2-cpu \\
+        --eval-text /path/to/idlelib/HISTORY.txt --contexts 2048 8192 32768
+
+1. Quality on held-out text (`--eval-text`, cut into `--eval-rows` rows of `--eval-len` tokens):
+   per token KL(teacher || model) in nats and the model's perplexity, for the teacher and for
+   each stage's `final/` of the run (hybridize = the init, ild = after stage 1, kl = after
+   stage 2), float32 full forwards.
+2. Greedy answers to `--prompt` (chat template) of the teacher and of the last stage.
+3. One-token decode at each context, batch 1, float32, the engine's CPU decode layout
+   (unstacked, MLA absorbed), for the dense teacher and the last stage: the cache of `context`
+   slots holds `context - 1` entries filled with random values instead of a real prefill (a
+   32K prefill takes most of an hour on a 2-core CPU; a decode step's cost does not depend on
+   the cached values: attention reads every written slot, the Mamba2 state is constant-size).
+   Both models' contexts are raised to the largest one for this (SmolLM2 is trained to 8192).
+   Cache bytes are the planner's (`jaxllama.kvcache.plan`): the sequence-growing keys/values
+   and the whole allocated cache (recurrent state and bookkeeping included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mla import filled_cache  # the same random fill as the MLA bench
+
+from jaxllama.api import LLM
+from jaxllama.checkpoint import load_checkpoint
+from jaxllama.inference.decode import DecodeLayout, decode_weights
+from jaxllama.kvcache import plan
+from jaxllama.model import Transformer
+
+STAGES = ("hybridize", "ild", "kl")
+
+
+def eval_rows(tokenizer, path: Path, rows: int, length: int) -> np.ndarray:
+    """[rows, length + 1] token ids: consecutive windows of the text."""
+    ids = np.asarray(tokenizer(path.read_text())["input_ids"], np.int32)
+    need = rows * (length + 1)
+    if len(ids) < need:
+        raise SystemExit(f"bench_zebra: {path} has {len(ids)} tokens, {need} needed "
+                         "(lower --eval-rows or --eval-len)")
+    return ids[:need].reshape(rows, length + 1)
+
+
+def logits_fn(cfg):
+    model = Transformer(cfg)
+    return jax.jit(lambda p, ids: model.apply({"params": p}, ids)[0])
+
+
+def quality(teacher, students: dict, rows: np.ndarray) -> list[tuple[str, float, float]]:
+    """(name, KL(teacher || model) per token, perplexity) of the teacher and each student."""
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    lp_t = jax.nn.log_softmax(logits_fn(teacher.config)(teacher.params, inputs), -1)
+
+    def measure(lp):
+        kl = float(jnp.mean(jnp.sum(jnp.exp(lp_t) * (lp_t - lp), -1)))
+        ce = -jnp.take_along_axis(lp, jnp.asarray(targets)[..., None], -1)[..., 0]
+        return kl, float(jnp.exp(jnp.mean(ce)))
+
+    out = [("teacher", *measure(lp_t))]
+    fn = None
+    for name, ck in students.items():
+        fn = fn or logits_fn(ck.config)  # one compile: the stages share the config
+        out.append((name, *measure(jax.nn.log_softmax(fn(ck.params, inputs), -1))))
+    return out
+
+
+def decode_seconds(cfg, params, context: int, steps: int) -> float:
+    """Median seconds of one decode step at `context - 1` cached (random) tokens."""
+    layout = DecodeLayout(unstacked=True)
+    weights = decode_weights(cfg, params, jnp.float32, layout)
+    cache = filled_cache(cfg, context, layout, jnp.float32)
+    model = layout.model(cfg)
+    step = jax.jit(lambda w, tok, pos, c: model.apply({"params": w}, tok, pos, c),
+                   donate_argnums=(3,))
+    tok = jnp.zeros((1, 1), jnp.int32)
+    pos = jnp.full((1, 1), context - 1, jnp.int32)
+
+    def one(cache):
+        cache = jax.tree.map(lambda a: jnp.full((), context - 1, a.dtype) if a.ndim == 0 else a,
+                             cache)  # rewind the slot count: every step reads the same context
+        t0 = time.perf_counter()
+        logits, cache = step(weights, tok, pos, cache)
+        logits.block_until_ready()
+        return time.perf_counter() - t0, cache
+
+    for _ in range(2):  # compile + warm-up (the donated output cache may compile once more)
+        _, cache = one(cache)
+    times = []
+    for _ in range(steps):
+        dt, cache = one(cache)
+        times.append(dt)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="the recipe's output_dir")
+    ap.add_argument("--teacher", default=None, help="teacher checkpoint (default: embedded)")
+    ap.add_argument("--eval-text", type=Path, help="held-out text (skip quality without it)")
+    ap.add_argument("--eval-rows", type=int, default=4)
+    ap.add_argument("--eval-len", type=int, default=256)
+    ap.add_argument("--prompt", default="What is the capital of France?")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--contexts", type=int, nargs="*", default=[2048, 8192, 32768])
+    ap.add_argument("--steps", type=int, default=3, help="timed decode steps per row")
+    args = ap.parse_args(argv)
+    finals = {s: args.run / s / "final" for s in STAGES if (args.run / s / "final").is_dir()}
+    if not finals:
+        print(f"bench_zebra: no <stage>/final under {args.run}", file=sys.stderr)
+        return 2
+    teacher = load_checkpoint(args.teacher, "float32")
+    students = {name: load_checkpoint(str(path), "float32") for name, path in finals.items()}
+    last_name, last = list(students.items())[-1]
+    print(f"teacher {teacher.source}; stages {', '.join(students)}", flush=True)
+
+    if args.eval_text is not None:
+        rows = eval_rows(teacher.tokenizer, args.eval_text, args.eval_rows, args.eval_len)
+        print(f"\nheld-out {args.eval_text.name}: {rows.shape[0]} x {args.eval_len} tokens")
+        print(f"{'model':<20}{'KL to teacher':>15}{'perplexity':>12}")
+        for name, kl, ppl in quality(teacher, students, rows):
+            print(f"{name:<20}{kl:>15.4f}{ppl:>12.2f}", flush=True)
+
+    if args.max_new_tokens > 0:
+        print(f"\nprompt {args.prompt!r} (greedy, {args.max_new_tokens} new tokens):")
+        for name, ck in (("teacher", teacher), (last_name, last)):
+            llm = LLM(ck.config, ck.params, ck.tokenizer, ck.generation_config, ck.source)
+            text = llm.generate(args.prompt, max_new_tokens=args.max_new_tokens).text
+            print(f"  {name}: {text!r}", flush=True)
+
+    if args.contexts:
+        longest = max(args.contexts)
+        models = {"dense teacher": teacher, f"hybrid ({last_name})": last}
+        print(f"\ndecode, batch 1, float32, {args.steps} timed steps, random-filled cache")
+        print(f"{'model':<18}{'context':>8}{'kv bytes':>15}{'cache bytes':>15}{'ms/token':>10}"
+              f"{'tokens/s':>10}")
+        for context in args.contexts:
+            for name, ck in models.items():
+                cfg = ck.config.replace(max_position_embeddings=max(
+                    longest, ck.config.max_position_embeddings))
+                p = plan(cfg, context, batch=1, dtype="float32")
+                sec = decode_seconds(cfg, ck.params, context, args.steps)
+                print(f"{name:<18}{context:>8}{p.kv_growing_bytes:>15,}{p.total_bytes:>15,}"
+                      f"{1e3 * sec:>10.1f}{1 / sec:>10.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
