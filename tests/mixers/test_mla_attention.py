@@ -138,9 +138,10 @@ def test_cached_decode_equals_full_forward_in_the_model():
     """Zebra-shaped (the DeepSeek shape runs it in tests/parity). Prefill 5 tokens, then one-token (absorbed) steps with the decode weights (prepared
     W_UK / W_UV, unstacked layout): logits == the full forward's at every position."""
     cfg = model_cfg("zebra")
-    params = randomized(init_params(cfg, jax.random.key(4)))
+    params = jax.jit(lambda k: randomized(init_params(cfg, k)))(jax.random.key(4))
     tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, cfg.vocab_size)
-    full = Transformer(cfg).apply({"params": params}, tokens)[0]
+    forward = jax.jit(Transformer(cfg).apply)  # jitted: eagerly the model runs op by op
+    full = forward({"params": params}, tokens)[0]
     layout = DecodeLayout(unstacked=True)
     weights = decode_weights(cfg, params, jnp.float32, layout)
     assert "absorbed" in weights["layer_0"]["mixer"]
@@ -159,8 +160,8 @@ def test_cached_decode_equals_full_forward_in_the_model():
     stacked = decode_weights(cfg, params, jnp.float32, DecodeLayout())
     assert "absorbed" in stacked["run_0"]["block"]["mixer"]
     c2 = init_cache(cfg, 2, 12)
-    o2, c2 = Transformer(cfg).apply({"params": stacked}, tokens[:, :8], pos[:, :8], c2)
-    o2, _ = Transformer(cfg).apply({"params": stacked}, tokens[:, 8:], pos[:, 8:], c2)
+    o2, c2 = forward({"params": stacked}, tokens[:, :8], pos[:, :8], c2)
+    o2, _ = forward({"params": stacked}, tokens[:, 8:], pos[:, 8:], c2)
     np.testing.assert_allclose(np.asarray(o2[:, 0]), np.asarray(full[:, 8]), rtol=1e-5,
                                atol=1e-5)
 
