@@ -29,7 +29,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jaxllama.kernels.ssm_scan import heuristics, reference
 from jaxllama.kernels.ssm_scan.api import selective_scan, ssd_scan
 

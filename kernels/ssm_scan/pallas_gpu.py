@@ -37,7 +37,6 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-
 from jaxllama.kernels._common import pad_to
 from jaxllama.kernels.ssm_scan import reference
 from jaxllama.kernels.ssm_scan.reference import ChunkOps

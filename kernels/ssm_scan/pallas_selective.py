@@ -51,7 +51,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-
 from jaxllama.kernels._common import F32, pad_to, round_up
 from jaxllama.kernels.ssm_scan import reference
 

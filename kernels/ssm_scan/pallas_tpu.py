@@ -20,7 +20,6 @@ sequential with the state in VMEM scratch); any chunk size (time is a leading ax
 from __future__ import annotations
 
 from jax.experimental.pallas import tpu as pltpu
-
 from jaxllama.kernels.ssm_scan import heuristics, pallas_selective, reference
 from jaxllama.kernels.ssm_scan.pallas_gpu import Backend, chunk_ops
 

@@ -35,7 +35,6 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
-
 from jaxllama.kernels._common import F32, cdiv, pad_to
 
 # ----------------------------------------------------------------------------- segments

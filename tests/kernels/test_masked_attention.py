@@ -8,10 +8,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
-from test_attention_kernels import CASES, AttentionKernelTest, Case
-
 from jaxllama.kernels.flash_attention import heuristics
 from jaxllama.kernels.flash_attention.api import Mask, attend
+from test_attention_kernels import CASES, AttentionKernelTest, Case
 
 
 class TestXlaMasked(AttentionKernelTest):

@@ -14,11 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
-from kernel_test_base import TOLERANCE, KernelTestBase, compile_fast, fresh_normal
-
 from jaxllama.kernels import _dispatch
 from jaxllama.kernels.ssm_scan import reference
 from jaxllama.kernels.ssm_scan.api import UnavailableImplementation, selective_scan, ssd_scan
+from kernel_test_base import TOLERANCE, KernelTestBase, compile_fast, fresh_normal
 
 # the final state is a sum over the whole sequence like y; the same bounds apply
 SSM_TOLERANCE = {k: {**v, "state": v["out"]} for k, v in TOLERANCE.items()}
