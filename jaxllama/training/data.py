@@ -148,15 +148,31 @@ def python_text(spec: str) -> list[str]:
     return values
 
 
+def package_file(spec: str) -> Path:
+    """`package:PACKAGE/REL/PATH`: a data file installed with a package, e.g.
+    `package:idlelib/NEWS.txt` (prose that ships with CPython), found wherever that package is
+    installed (so a recipe never names one machine's site-packages)."""
+    from importlib import resources
+
+    package, _, rel = spec.removeprefix("package:").partition("/")
+    try:
+        path = Path(str(resources.files(package).joinpath(rel)))
+    except (ImportError, TypeError, ValueError):
+        raise ConfigError(f"data.paths: {spec}: no importable package {package!r}") from None
+    if not rel or not path.is_file():
+        raise ConfigError(f"data.paths: {spec}: package {package!r} has no file {rel!r}")
+    return path
+
+
 def read_documents(cfg: DataConfig) -> list[tuple[str, str]]:
     """[(prompt, text)] from every file of `cfg.paths` (or `python:MODULE.NAME` text, see
-    `python_text`), in order (prompt may be '')."""
+    `python_text`, or `package:PACKAGE/FILE`, see `package_file`), in order (prompt may be '')."""
     docs: list[tuple[str, str]] = []
     for name in cfg.paths:
         if name.startswith("python:"):
             docs += [("", t) for t in python_text(name) if t.strip()]
             continue
-        path = Path(name)
+        path = package_file(name) if name.startswith("package:") else Path(name)
         if not path.is_file():
             raise ConfigError(f"data.paths: {path}: no such file")
         fmt = _format_of(path, cfg.format)

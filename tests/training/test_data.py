@@ -141,3 +141,16 @@ def test_passkey_examples():
     depths = {TOK.decode(src.example(i)[0]).index(" The pass key") for i in range(10)}
     assert len(depths) > 5  # the needle moves
     np.testing.assert_array_equal(src[4]["inputs"], ex["inputs"])  # deterministic
+
+
+def test_package_paths_read_files_installed_with_a_package():
+    import idlelib
+    from pathlib import Path
+
+    want = (Path(idlelib.__file__).parent / "TODO.txt").read_text(encoding="utf-8")
+    docs = read_documents(DataConfig(paths=("package:idlelib/TODO.txt",), format="text"))
+    assert [d[1] for d in docs] == [want]
+    with pytest.raises(ConfigError, match="package 'idlelib' has no file 'NOPE.txt'"):
+        read_documents(DataConfig(paths=("package:idlelib/NOPE.txt",)))
+    with pytest.raises(ConfigError, match="no importable package 'no_such_pkg_xyz'"):
+        read_documents(DataConfig(paths=("package:no_such_pkg_xyz/a.txt",)))
