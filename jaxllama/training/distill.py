@@ -36,7 +36,13 @@ from jaxllama.model import Transformer, unstack
 from jaxllama.sharding import batch_sharding, param_shardings, replicated, use_mesh
 from jaxllama.training.config import DISTILL_STAGES
 from jaxllama.training.loss import token_losses
-from jaxllama.training.step import BATCH_KEYS, TrainState, abstract_params, state_shardings
+from jaxllama.training.step import (
+    BATCH_KEYS,
+    TrainState,
+    abstract_params,
+    guarded_update,
+    state_shardings,
+)
 
 STAGES = DISTILL_STAGES
 
@@ -182,14 +188,7 @@ def distill_step(state: TrainState, teacher_params, batch: dict, *, loss_sums: C
         state.params, teacher_params, batch)
     denom = jnp.maximum(count, 1.0)
     loss, grads = total / denom, jax.tree.map(lambda g: g / denom, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(params))
-    new = TrainState(state.step + 1, params, opt_state)
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite}
-    return new, metrics
+    return guarded_update(state, tx, loss, count, grads)
 
 
 def teacher_shardings(teacher: Transformer, mesh):

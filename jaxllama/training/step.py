@@ -90,6 +90,13 @@ def train_step(state: TrainState, batch: dict, *, model: Transformer,
     counter included), so a non-finite state never exists and the check costs no host sync of its
     own: the flag travels with the metrics the loop already fetches."""
     loss, count, grads = loss_and_grads(state.params, model, batch, loss_chunk, grad_accum)
+    return guarded_update(state, tx, loss, count, grads)
+
+
+def guarded_update(state: TrainState, tx: optax.GradientTransformation, loss, count, grads):
+    """The update of `train_step` (and of `distill.distill_step`) from a mean loss, its token
+    count and its gradients: skipped inside the step (state unchanged) unless the loss, gradient
+    norm and updated parameters are all finite. Returns (new state, metrics)."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
