@@ -46,6 +46,7 @@ from jaxllama.checkpoint import CheckpointError, load_checkpoint
 from jaxllama.checkpoint.base import relayout, with_overrides
 from jaxllama.config import ConfigError
 from jaxllama.mixers.fot_attention import mem_layers_of
+from jaxllama.mixers import spec_of
 from jaxllama.model import Transformer, init_cache
 
 TRAINED = 8192
@@ -63,10 +64,18 @@ def natural_text() -> str:
 
 
 class Runner:
-    """Chunked prefill / NLL / greedy decode of one model configuration (batch 1)."""
+    """Chunked prefill / NLL / greedy decode of one model configuration (batch 1).
+
+    A model with a kind that asks for its own prefill chunk (FoT: the whole prompt, which it
+    windows itself as the reference does) gets `whole`: `feed` passes each prompt in one call
+    and passkey trials do not share a prefix cache, since a FoT prompt fed in pieces is windowed
+    differently from the same prompt in one call (the local window a later piece finds is not
+    the reference's). Perplexity keeps `chunk` (one call over the whole text would hold its [T V]
+    logits)."""
 
     def __init__(self, cfg, params, chunk: int):
         self.cfg, self.params, self.chunk = cfg, params, chunk
+        self.whole = any(spec_of(kind).prefill_chunk for kind in set(cfg.layer_pattern))
         model = Transformer(cfg)
 
         def chunk_nll(params, tokens, targets, positions, cache):
@@ -110,10 +119,11 @@ class Runner:
         return np.concatenate(nlls)[:-1], last, cache
 
     def feed(self, ids: np.ndarray, start: int, cache):
-        """Like `run` without the NLL: (last logits, cache)."""
+        """Like `run` without the NLL: (last logits, cache); ids in one call with `whole`."""
         last = None
-        for a in range(0, len(ids), self.chunk):
-            tok = ids[a:a + self.chunk]
+        step = len(ids) if self.whole else self.chunk
+        for a in range(0, len(ids), step):
+            tok = ids[a:a + step]
             pos = np.arange(start + a, start + a + len(tok))
             last, cache = self._chunk_last(self.params, jnp.asarray(tok[None]),
                                            jnp.asarray(pos[None]), cache)
@@ -192,14 +202,16 @@ def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed
                       f"{min_distance} tokens of the question)", flush=True)
                 continue
             prefix, _ = passkey_prompt(tok, n, depth_tokens, 0)
+            shared = len(prefix) if not runner.whole else 0  # whole: each prompt in one call
             cache0 = runner.new_cache(n + 16)
-            if len(prefix):
+            if shared:
                 _, cache0 = runner.feed(prefix, 0, cache0)
             hits = []
             for _ in range(k):
                 key = int(rng.integers(10000, 100000))
-                _, rest = passkey_prompt(tok, n, depth_tokens, key)
-                last, cache = runner.feed(rest, len(prefix), cache0)
+                prefix, rest = passkey_prompt(tok, n, depth_tokens, key)
+                ids = rest if shared else np.concatenate([prefix, rest])
+                last, cache = runner.feed(ids, shared, cache0)
                 answer = tok.decode(runner.greedy(last, cache, n, 8))
                 digits = "".join(ch if ch.isdigit() else " " for ch in answer).split()
                 hits.append(bool(digits) and digits[0] == str(key))

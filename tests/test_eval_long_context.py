@@ -147,3 +147,49 @@ def test_report_only_needs_state(ev, tmp_path, capsys):
                  "--partial", str(tmp_path / "missing.json")])
     assert e.value.code == 2 and "--report-only needs --partial" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+class _EchoRunner:
+    """Stands in for `Runner`: records what `feed` receives and answers with the first 5-digit
+    number of everything fed so far (a model that reads its whole context perfectly)."""
+
+    def __init__(self, tok, whole: bool):
+        self.tok, self.whole, self.calls = tok, whole, []
+
+    def new_cache(self, max_len):
+        return ()
+
+    def feed(self, ids, start, cache):
+        self.calls.append((start, len(ids)))
+        return None, cache + (self.tok.decode(list(ids)),)
+
+    def greedy(self, last, cache, position, n):
+        digits = "".join(ch if ch.isdigit() else " " for ch in "".join(cache)).split()
+        return self.tok.encode(" " + next(d for d in digits if len(d) == 5),
+                               add_special_tokens=False)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_passkey_feeding(ev, smollm2_jax, whole):
+    """Chunked models share the key-free prefix across trials (fed once, then each trial's rest
+    from its end); models that take a prompt whole (FoT) get each trial's full prompt in one
+    call from position 0, as the reference windows it. Either way every trial is scored."""
+    tok = smollm2_jax.tokenizer
+    runner = _EchoRunner(tok, whole)
+    out = {}
+    ev.passkey(runner, tok, [1024], [0.5], {1024: 3}, 256, 0, out, lambda: None)
+    assert out["1024/0.5"]["correct"] == 3
+    prefix, rest = ev.passkey_prompt(tok, 1024, 512, 12345)
+    if whole:
+        assert runner.calls == [(0, 1024)] * 3
+    else:
+        assert runner.calls == [(0, len(prefix))] + [(len(prefix), len(rest))] * 3
+
+
+def test_runner_whole_for_fot(ev, smollm2_jax):
+    """`Runner.whole` follows the kinds' own prefill chunk: set for a FoT model, not for dense."""
+    from jaxllama.checkpoint.base import with_overrides
+
+    ck = smollm2_jax
+    fot = with_overrides(ck.config, ["model.layer_pattern=fot_local*29,fot"])
+    assert ev.Runner(fot, None, 256).whole and not ev.Runner(ck.config, None, 256).whole
