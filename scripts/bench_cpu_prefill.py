@@ -24,7 +24,9 @@ time ratio of every round:
   - `products`: section 1 alone (for comparing XLA_FLAGS);
   - `hlo`: op counts of SmolLM2's compiled decode loop, separate against fused kernels;
   - `decode`: SmolLM2 float32 greedy decode through the engine with the fused decode copy against
-    the separate kernels (`Engine(fused=...)`), tokens/s.
+    the separate kernels (`Engine(fused=...)`), tokens/s;
+  - `floor`: the decode step's weight products alone (all 30 layers' fused float32 kernels and
+    the LM head, streamed from memory) against the engine's whole float32 decode step.
 The default (no `--only`) runs sections 1-4 above.
 """
 
@@ -256,8 +258,62 @@ def decode_hlo(repeats: int) -> None:
               + f" | {sum(ops.values())} instructions |", flush=True)
 
 
+def product_floor(repeats: int, new: int = 64) -> None:
+    """The decode step's weight products alone against the whole step: SmolLM2's 30 layers of
+    fused float32 decode kernels (qkv, o, gate_up, down) and the LM head chained in one jitted
+    call with nothing else (random weights of those shapes, 538 MB streamed per token, so the
+    products run at DRAM bandwidth as in decode, not from cache as `matvecs` measures them),
+    alternated with the engine's float32 greedy decode; what the step spends beyond its
+    products is the difference."""
+    from jaxllama.checkpoint import load_checkpoint
+    from jaxllama.inference import Engine
+
+    ck = load_checkpoint(None, "float32")
+    c = ck.config
+    d, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    nq = c.attention.num_heads * c.head_dim
+    nkv = c.attention.num_kv_heads * c.head_dim
+    keys = iter(jax.random.split(jax.random.key(0), 4 * c.num_layers + 1))
+    normal = lambda shape: jax.random.normal(next(keys), shape, jnp.float32) * 0.02
+    layers = [{"qkv": normal((d, nq + 2 * nkv)), "o": normal((nq, d)),
+               "gate_up": normal((d, 2 * f)), "down": normal((f, d))}
+              for _ in range(c.num_layers)]
+    head = normal((d, v))
+    nbytes = sum(a.nbytes for a in jax.tree.leaves(layers)) + head.nbytes
+
+    @jax.jit
+    def products_only(x, layers, head):
+        h = x
+        for w in layers:
+            h = h + (h @ w["qkv"])[:, :nq] @ w["o"]
+            g = h @ w["gate_up"]
+            h = h + (jax.nn.silu(g[:, :f]) * g[:, f:]) @ w["down"]
+        return jnp.argmax(h @ head, axis=-1)
+
+    x = jnp.ones((1, d), jnp.float32)
+    products_only(x, layers, head).block_until_ready()
+
+    def floor():
+        t0 = time.perf_counter()
+        for _ in range(new):
+            out = products_only(x, layers, head)
+        out.block_until_ready()
+        return (time.perf_counter() - t0) / new
+
+    engine = Engine(c, ck.params)
+    prompt = list(range(100, 142))
+    engine.generate([prompt], max_new_tokens=new)
+    step = lambda: engine.generate([prompt], max_new_tokens=new).decode_seconds / (new - 1)
+    times = alternate({"floor": floor, "step": step}, repeats)
+    fl, st = min(times["floor"]), min(times["step"])
+    print(f"| decode products only ({nbytes / 1e6:.0f} MB float32) | {fl * 1e3:.2f} ms/token | "
+          f"{nbytes / fl / 1e9:.1f} GB/s | {1 / fl:.1f} tok/s |")
+    print(f"| engine float32 decode step | {st * 1e3:.2f} ms/token | products {fl / st:.0%} of "
+          f"the step, the rest {(st - fl) * 1e3:.2f} ms | {1 / st:.1f} tok/s |", flush=True)
+
+
 SECTIONS = {"hlo": decode_hlo, "attention": attention_lengths, "matvecs": matvecs,
-            "decode": fused_decode, "products": products}
+            "decode": fused_decode, "products": products, "floor": product_floor}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,11 +9,13 @@ against its teacher, an answer, and decode speed and cache bytes against the den
    each stage's `final/` of the run (hybridize = the init, ild = after stage 1, kl = after
    stage 2), float32 full forwards.
 2. Greedy answers to `--prompt` (chat template) of the teacher and of the last stage.
-3. One-token decode at each context, batch 1, float32, the engine's CPU decode layout
-   (unstacked, MLA absorbed), for the dense teacher and the last stage: the cache of `context`
-   slots holds `context - 1` entries filled with random values instead of a real prefill (a
-   32K prefill takes most of an hour on a 2-core CPU; a decode step's cost does not depend on
-   the cached values: attention reads every written slot, the Mamba2 state is constant-size).
+3. Greedy decode at each context, batch 1, float32, the engine's CPU decode layout (unstacked,
+   separate head, MLA absorbed) in one jitted on-device loop of `--steps` tokens (the cache
+   updated in place, as the engine runs it; bench_long_decode's loop), for the dense teacher and
+   the last stage: the cache holds `context - 1` entries filled with random values instead of a
+   real prefill (a 32K prefill takes most of an hour on a 2-core CPU; a decode step's cost does
+   not depend on the cached values: attention reads every written slot, the Mamba2 state is
+   constant-size).
    Both models' contexts are raised to the largest one for this (SmolLM2 is trained to 8192).
    Cache bytes are the planner's (`jaxllama.kvcache.plan`): the sequence-growing keys/values
    and the whole allocated cache (recurrent state and bookkeeping included).
@@ -22,7 +24,6 @@ against its teacher, an answer, and decode speed and cache bytes against the den
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_long_decode import LAYOUT, decode_loop  # the engine's CPU decode layout and loop
 from bench_mla import filled_cache  # the same random fill as the MLA bench
 
 from jaxllama.api import LLM
 from jaxllama.checkpoint import load_checkpoint
-from jaxllama.inference.decode import DecodeLayout, decode_weights
+from jaxllama.inference.decode import decode_weights
 from jaxllama.kvcache import plan
 from jaxllama.model import Transformer
 
@@ -76,32 +78,31 @@ def quality(teacher, students: dict, rows: np.ndarray) -> list[tuple[str, float,
     return out
 
 
-def decode_seconds(cfg, params, context: int, steps: int) -> float:
-    """Median seconds of one decode step at `context - 1` cached (random) tokens."""
-    layout = DecodeLayout(unstacked=True)
-    weights = decode_weights(cfg, params, jnp.float32, layout)
-    cache = filled_cache(cfg, context, layout, jnp.float32)
-    model = layout.model(cfg)
-    step = jax.jit(lambda w, tok, pos, c: model.apply({"params": w}, tok, pos, c),
-                   donate_argnums=(3,))
-    tok = jnp.zeros((1, 1), jnp.int32)
-    pos = jnp.full((1, 1), context - 1, jnp.int32)
+def decode_seconds(cfg, params, context: int, steps: int, repeats: int = 3) -> float:
+    """Seconds per token of `steps` greedy decode steps in one jitted on-device loop (the cache
+    updated in place, as the engine decodes), starting with `context - 1` cached (random) tokens
+    in a cache of `context + steps` slots; best of `repeats` after a warm-up run."""
+    weights = decode_weights(cfg, params, jnp.float32, LAYOUT)
+    cache = filled_cache(cfg, context + steps, LAYOUT, jnp.float32)
+    slots = context + steps
 
-    def one(cache):
-        cache = jax.tree.map(lambda a: jnp.full((), context - 1, a.dtype) if a.ndim == 0 else a,
-                             cache)  # rewind the slot count: every step reads the same context
+    def rewind(a):  # keep `context - 1` entries written: the slot count and the segment ids
+        if a.ndim == 0:
+            return jnp.full((), context - 1, a.dtype)
+        if jnp.issubdtype(a.dtype, jnp.integer) and a.shape[-1] == slots:
+            return (jnp.arange(slots) < context - 1).astype(a.dtype) * jnp.ones_like(a)
+        return a
+
+    cache = jax.tree.map(rewind, cache)
+    fn = decode_loop(cfg, steps)
+    tok, pos = jnp.asarray(1, jnp.int32), jnp.asarray(context - 1, jnp.int32)
+    fn(weights, cache, tok, pos).block_until_ready()  # compile + warm-up
+    best = float("inf")
+    for _ in range(repeats):
         t0 = time.perf_counter()
-        logits, cache = step(weights, tok, pos, cache)
-        logits.block_until_ready()
-        return time.perf_counter() - t0, cache
-
-    for _ in range(2):  # compile + warm-up (the donated output cache may compile once more)
-        _, cache = one(cache)
-    times = []
-    for _ in range(steps):
-        dt, cache = one(cache)
-        times.append(dt)
-    return statistics.median(times)
+        fn(weights, cache, tok, pos).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best / steps
 
 
 def main(argv=None) -> int:
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="What is the capital of France?")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--contexts", type=int, nargs="*", default=[2048, 8192, 32768])
-    ap.add_argument("--steps", type=int, default=3, help="timed decode steps per row")
+    ap.add_argument("--steps", type=int, default=32,
+                    help="decode steps per timed on-device loop")
     args = ap.parse_args(argv)
     finals = {s: args.run / s / "final" for s in STAGES if (args.run / s / "final").is_dir()}
     if not finals:
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     if args.contexts:
         longest = max(args.contexts)
         models = {"dense teacher": teacher, f"hybrid ({last_name})": last}
-        print(f"\ndecode, batch 1, float32, {args.steps} timed steps, random-filled cache")
+        print(f"\ndecode, batch 1, float32, {args.steps} steps per on-device loop, best of 3, random-filled cache")
         print(f"{'model':<18}{'context':>8}{'kv bytes':>15}{'cache bytes':>15}{'ms/token':>10}"
               f"{'tokens/s':>10}")
         for context in args.contexts:
