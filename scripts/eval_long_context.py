@@ -45,8 +45,8 @@ import numpy as np
 from jaxllama.checkpoint import CheckpointError, load_checkpoint
 from jaxllama.checkpoint.base import relayout, with_overrides
 from jaxllama.config import ConfigError
-from jaxllama.mixers.fot_attention import mem_layers_of
 from jaxllama.mixers import spec_of
+from jaxllama.mixers.fot_attention import mem_layers_of
 from jaxllama.model import Transformer, init_cache
 
 TRAINED = 8192
