@@ -45,7 +45,7 @@ import numpy as np
 from jaxllama.checkpoint import CheckpointError, load_checkpoint
 from jaxllama.checkpoint.base import relayout, with_overrides
 from jaxllama.config import ConfigError
-from jaxllama.mixers import spec_of
+from jaxllama.inference.engine import prefill_chunk_for
 from jaxllama.mixers.fot_attention import mem_layers_of
 from jaxllama.model import Transformer, init_cache
 
@@ -66,16 +66,13 @@ def natural_text() -> str:
 class Runner:
     """Chunked prefill / NLL / greedy decode of one model configuration (batch 1).
 
-    A model with a kind that asks for its own prefill chunk (FoT: the whole prompt, which it
-    windows itself as the reference does) gets `whole`: `feed` passes each prompt in one call
-    and passkey trials do not share a prefix cache, since a FoT prompt fed in pieces is windowed
-    differently from the same prompt in one call (the local window a later piece finds is not
-    the reference's). Perplexity keeps `chunk` (one call over the whole text would hold its [T V]
-    logits)."""
+    `feed` cuts a prompt the way the engine does (`prefill_chunk_for`): in `chunk` pieces, unless
+    a kind asks for its own chunk (FoT: the whole prompt, which it windows itself as the
+    reference does; a FoT prompt fed in pieces is windowed differently). Perplexity keeps `chunk`
+    (one call over the whole text would hold its [T V] logits)."""
 
     def __init__(self, cfg, params, chunk: int):
         self.cfg, self.params, self.chunk = cfg, params, chunk
-        self.whole = any(spec_of(kind).prefill_chunk for kind in set(cfg.layer_pattern))
         model = Transformer(cfg)
 
         def chunk_nll(params, tokens, targets, positions, cache):
@@ -118,10 +115,14 @@ class Runner:
             nlls.append(np.asarray(nll))
         return np.concatenate(nlls)[:-1], last, cache
 
+    def chunk_for(self, n: int) -> int:
+        """Prefill chunk for an n-token prompt: `chunk`, or what the model's kinds ask for."""
+        return prefill_chunk_for(self.cfg, n, self.chunk)
+
     def feed(self, ids: np.ndarray, start: int, cache):
-        """Like `run` without the NLL: (last logits, cache); ids in one call with `whole`."""
+        """Like `run` without the NLL, in `chunk_for(len(ids))` pieces: (last logits, cache)."""
         last = None
-        step = len(ids) if self.whole else self.chunk
+        step = self.chunk_for(len(ids))
         for a in range(0, len(ids), step):
             tok = ids[a:a + step]
             pos = np.arange(start + a, start + a + len(tok))
@@ -202,7 +203,9 @@ def passkey(runner: Runner, tok, lengths, depths, trials: dict, align: int, seed
                       f"{min_distance} tokens of the question)", flush=True)
                 continue
             prefix, _ = passkey_prompt(tok, n, depth_tokens, 0)
-            shared = len(prefix) if not runner.whole else 0  # whole: each prompt in one call
+            # the key-free prefix is fed once and shared by the trials only where the runner's
+            # own chunking applies: a kind that asks for its own chunk gets each prompt its way
+            shared = len(prefix) if runner.chunk_for(n) == runner.chunk else 0
             cache0 = runner.new_cache(n + 16)
             if shared:
                 _, cache0 = runner.feed(prefix, 0, cache0)

@@ -153,8 +153,13 @@ class _EchoRunner:
     """Stands in for `Runner`: records what `feed` receives and answers with the first 5-digit
     number of everything fed so far (a model that reads its whole context perfectly)."""
 
+    chunk = 256
+
     def __init__(self, tok, whole: bool):
         self.tok, self.whole, self.calls = tok, whole, []
+
+    def chunk_for(self, n):  # a FoT-like model asks for the whole prompt
+        return n if self.whole else self.chunk
 
     def new_cache(self, max_len):
         return ()
@@ -186,10 +191,12 @@ def test_passkey_feeding(ev, smollm2_jax, whole):
         assert runner.calls == [(0, len(prefix))] + [(len(prefix), len(rest))] * 3
 
 
-def test_runner_whole_for_fot(ev, smollm2_jax):
-    """`Runner.whole` follows the kinds' own prefill chunk: set for a FoT model, not for dense."""
+def test_runner_chunk_follows_the_kinds(ev, smollm2_jax):
+    """`Runner.chunk_for` is the engine's rule: a FoT model's prompt goes whole, dense keeps
+    the runner's chunk."""
     from jaxllama.checkpoint.base import with_overrides
 
     ck = smollm2_jax
     fot = with_overrides(ck.config, ["model.layer_pattern=fot_local*29,fot"])
-    assert ev.Runner(fot, None, 256).whole and not ev.Runner(ck.config, None, 256).whole
+    assert ev.Runner(fot, None, 256).chunk_for(4096) == 4096
+    assert ev.Runner(ck.config, None, 256).chunk_for(4096) == 256

@@ -93,6 +93,14 @@ def free_donated(tree) -> None:
             a.delete()
 
 
+def prefill_chunk_for(cfg: ModelConfig, longest: int, default: int) -> int:
+    """The prefill chunk for prompts of at most `longest` tokens: `default`, unless a mixer asks
+    for its own (`MixerSpec.prefill_chunk`; FoT takes a prompt whole and unpadded)."""
+    asks = [s.prefill_chunk(s.config(cfg), longest) for s in
+            map(spec_of, dict.fromkeys(cfg.layer_pattern)) if s.prefill_chunk]
+    return min(asks, default=default)
+
+
 @dataclass(frozen=True)
 class EngineDefaults:
     """What an `Engine` uses when not told otherwise (see the module docstring)."""
@@ -315,11 +323,8 @@ class Engine:
         return ctx if max_len is None else min(ctx, max_len)
 
     def chunk_for(self, longest: int) -> int:
-        """The prefill chunk for prompts of at most `longest` tokens: the engine's, unless a mixer
-        asks for its own (`MixerSpec.prefill_chunk`; FoT takes a prompt whole and unpadded)."""
-        asks = [s.prefill_chunk(s.config(self.cfg), longest) for s in
-                map(spec_of, dict.fromkeys(self.cfg.layer_pattern)) if s.prefill_chunk]
-        return min(asks, default=self.prefill_chunk)
+        """The prefill chunk for prompts of at most `longest` tokens (`prefill_chunk_for`)."""
+        return prefill_chunk_for(self.cfg, longest, self.prefill_chunk)
 
     def _executable(self, name, fn, args, static=None):
         """`fn` compiled ahead of time for these argument shapes (arrays or ShapeDtypeStructs)
