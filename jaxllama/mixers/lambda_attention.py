@@ -26,8 +26,8 @@ mode the dense layers of a hybrid use) runs `parallel/halo.py`: each device rece
 keys before each of its chunks and its segments' G sinks, never the whole sequence.
 
 Costs. The ring holds L entries though L - 1 would do (the published CBHybrid cache sizes count
-L + G per layer). With segment ids and no cache every token is a potential sink column, which
-doubles the attention work of that (packed training) path.
+L + G per layer). Packed rows (segment ids, no cache) gather each query's G sinks per query
+(`parallel.halo.sink_attend`), a [B T G K H] gather: linear in T, as the window is.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxllama.config import LambdaConfig, ModelConfig
+from jaxllama.kernels._common import merge_partials
 from jaxllama.kernels.flash_attention.api import BEYOND_WINDOW, ExtraColumns, Mask, attend
 from jaxllama.layers.rope import apply_rope
 from jaxllama.mixers.attention import Attention, AttentionLayerConfig
 from jaxllama.mixers.attention import hf_tensors as attention_tensors
 from jaxllama.mixers.spec import MixerSpec, Rollback
 from jaxllama.parallel.context import SEQ_AXIS
-from jaxllama.parallel.halo import halo_lambda_attend
+from jaxllama.parallel.halo import halo_lambda_attend, sink_attend
 from jaxllama.sharding import mesh_axis_size
 from jaxllama.typing import Hidden, Positions, SegmentIds
 
@@ -189,20 +190,33 @@ class LambdaAttention(Attention):
             out = attend(q, k, v, Mask(causal=True, window=lam.window), extra=sink,
                          implementation=impl)
         elif cache is None:
-            # packed rows: every token is a sink column, active iff it is among the first G of its
-            # segment; sink column t sits at slot t, so `i - t >= L` is the contract's own test.
-            is_sink = segment_offsets(segment_ids) < lam.global_tokens
-            sink = ExtraColumns(k_0, v, BEYOND_WINDOW, q=q_d,
-                                segment_ids=jnp.where(is_sink, segment_ids, -1))
-            sink = sink if lam.global_tokens else None
+            # packed rows: the window within the segment, plus each query's own segment's first G
+            # tokens gathered per query (the halo path's `sink_attend` over one chunk, the whole
+            # row): linear in T, where offering every token as a sink column would be quadratic
             mask = Mask(causal=True, window=lam.window, q_segment_ids=segment_ids,
                         kv_segment_ids=segment_ids)
-            out = attend(q, k, v, mask, extra=sink, implementation=impl)
+            out, lse = attend(q, k, v, mask, implementation=impl, return_lse=True)
+            if lam.global_tokens:
+                out, _ = merge_partials(out, lse, *self.segment_sinks(q_d, k_0, v, segment_ids))
+            out = out.astype(q.dtype)
         else:
             if segment_ids is None:
                 segment_ids = jnp.ones(x.shape[:2], jnp.int32)
             out, cache = self.attend_cached(q, k, q_d, k_0, v, segment_ids, cache)
         return self.project_out(out), cache
+
+    def segment_sinks(self, q_d, k_0, v, segment_ids):
+        """(out [B T N H] float32, lse [B N T]) of each query over its segment's first G tokens
+        that lie at least L before it (un-rotated keys, query rotated to D): `sink_attend` with
+        the row as one chunk starting at position 0, so no sink comes from before it."""
+        b, t = segment_ids.shape
+        g, (kh, h) = self.cfg.lambda_.global_tokens, k_0.shape[2:]
+        pos = jnp.arange(t, dtype=jnp.int32)
+        start = pos - segment_offsets(segment_ids)  # [B T] where each token's segment begins
+        none = (jnp.zeros((b, g, kh, h), k_0.dtype), jnp.zeros((b, g, kh, v.shape[3]), v.dtype),
+                jnp.full((b, g), -1, jnp.int32))
+        return sink_attend(q_d, k_0, v, segment_ids, start, pos, none,
+                           window=self.cfg.lambda_.window, implementation=self.kernels.attention)
 
     def attend_cached(self, q, k, q_d, k_0, v, segment_ids, cache: LambdaCache):
         """The chunk's T queries over [ring (slots start-L .. start-1) | chunk (start ..

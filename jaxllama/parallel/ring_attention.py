@@ -14,8 +14,9 @@ attention kernel api (`attend(..., return_lse=True)`):
 
 Partial results merge by log-sum-exp with the kernels' shared `merge_partials` (the same merge
 `attend` uses for its extra key columns). The backward (custom_vjp) runs a second ring that carries the
-dK/dV accumulators with K/V; each block's gradients come from `jax.vjp` of the same `attend` call,
-with cotangents built from the final log-sum-exp (so kernels with their own backward are used).
+dK/dV accumulators with K/V; each block's gradients are the kernel's own backward run against the
+merged output and log-sum-exp (`attend_backward`: p = exp(s - lse)), so a block's forward runs
+once in the forward and never again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxllama.kernels._common import merge_partials
-from jaxllama.kernels.flash_attention.api import Mask, attend
+from jaxllama.kernels.flash_attention.api import Mask, attend, attend_backward
 
 F32 = jnp.float32
 
@@ -46,34 +47,11 @@ def _block(q, k, v, q_seg, kv_seg, causal, impl, scale):
     return out.astype(F32), lse  # [B T N H], [B N T]
 
 
-def _rows_with_keys(q_seg, kv_seg):
-    """For a block without causal masking: (segment ids where rows that see no key borrow a
-    visible one, mask of rows that really see a key). Borrowing keeps the recomputed lse finite
-    so a zero cotangent stays zero in the block's vjp (no 0 * inf)."""
-    srt = jnp.sort(kv_seg, axis=-1)
-    idx = jnp.minimum(jax.vmap(jnp.searchsorted)(srt, q_seg), srt.shape[1] - 1)
-    live = jnp.take_along_axis(srt, idx, axis=-1) == q_seg  # [B T]
-    return jnp.where(live, q_seg, kv_seg[:, :1]), live
-
-
-def _block_grads(q, k, v, q_seg, kv_seg, causal, do, lse, dsum, impl, scale):
-    """dq, dk, dv (float32) of this block's share of the merged output.
-
-    out = sum_b w_b out_b with w_b = exp(lse_b - lse): the block output gets cotangent w_b do and
-    its lse gets w_b <do, out_b - out>."""
-    live = None
-    if not causal:
-        q_seg, live = _rows_with_keys(q_seg, kv_seg)
-    fn = lambda q_, k_, v_: attend(q_, k_, v_, _mask(causal, q_seg, kv_seg), scale=scale,
-                                   implementation=impl, return_lse=True)
-    (out_b, lse_b), vjp = jax.vjp(fn, q, k, v)
-    w = jnp.exp(lse_b - lse)  # [B N T]
-    if live is not None:
-        w = jnp.where(live[:, None, :], w, 0.0)
-    do_b = (jnp.transpose(w, (0, 2, 1))[..., None] * do).astype(out_b.dtype)
-    dlse_b = w * (jnp.einsum("btnh,btnh->bnt", do, out_b.astype(F32)) - dsum)
-    dq, dk, dv = vjp((do_b, dlse_b))
-    return dq.astype(F32), dk.astype(F32), dv.astype(F32)
+def _block_grads(q, k, v, q_seg, kv_seg, causal, do, out, lse, impl, scale):
+    """dq, dk, dv (float32) of this block's share of the merged softmax: the block's scores
+    against the merged lse and rowsum(dO * O) (`attend_backward`), so no block forward reruns."""
+    return attend_backward(q, k, v, _mask(causal, q_seg, kv_seg), out, lse, do, scale=scale,
+                           implementation=impl)
 
 
 def _forward(q, k, v, q_seg, kv_seg, axis_name, ways, impl, scale):
@@ -120,18 +98,17 @@ def _ring_bwd(axis_name, ways, impl, scale, res, g):
     r = jax.lax.axis_index(axis_name)
     c = q.shape[1] // 2
     do = g.astype(F32)
-    dsum = jnp.einsum("btnh,btnh->bnt", do, out)  # [B N T]
     grads = functools.partial(_block_grads, impl=impl, scale=scale)
-    dq, dk, dv = grads(q, k, v, q_seg, kv_seg, True, do, lse, dsum)
+    dq, dk, dv = grads(q, k, v, q_seg, kv_seg, True, do, out, lse)
 
     def before(k, v, kv_seg):
-        dq_b, dk_b, dv_b = grads(q, k[:, :c], v[:, :c], q_seg, kv_seg[:, :c], False, do, lse, dsum)
+        dq_b, dk_b, dv_b = grads(q, k[:, :c], v[:, :c], q_seg, kv_seg[:, :c], False, do, out, lse)
         return (dq_b, jnp.concatenate([dk_b, jnp.zeros_like(dk_b)], axis=1),
                 jnp.concatenate([dv_b, jnp.zeros_like(dv_b)], axis=1))
 
     def after(k, v, kv_seg):
         dq_b, dk_b, dv_b = grads(q[:, c:], k, v, q_seg[:, c:], kv_seg, False, do[:, c:],
-                                 lse[:, :, c:], dsum[:, :, c:])
+                                 out[:, c:], lse[:, :, c:])
         return jnp.concatenate([jnp.zeros_like(dq_b), dq_b], axis=1), dk_b, dv_b
 
     def step(s, carry):

@@ -101,7 +101,7 @@ def _static_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
-def _one_set(fn, options, cols: Columns, scale, out_dtype, q, k, v, q_offset, k_offset, qseg, kseg):
+def _static_aux(options, cols: Columns, scale, out_dtype, q_offset, k_offset, qseg, kseg):
     if ("offsets", None) in options:  # xla_masked: Python-int offsets let it slice keys statically
         options = tuple(o for o in options if o != ("offsets", None))
         if _static_int(q_offset) and _static_int(k_offset):
@@ -109,7 +109,23 @@ def _one_set(fn, options, cols: Columns, scale, out_dtype, q, k, v, q_offset, k_
     i32 = lambda x: jnp.asarray(x, jnp.int32)
     aux = Aux(i32(q_offset), i32(k_offset), i32(qseg) if cols.segments else None,
               i32(kseg) if cols.segments else None)
-    return fn(Static(cols, float(scale), jnp.dtype(out_dtype).name, options), q, k, v, aux)
+    return Static(cols, float(scale), jnp.dtype(out_dtype).name, options), aux
+
+
+def _one_set(fn, options, cols: Columns, scale, out_dtype, q, k, v, q_offset, k_offset, qseg, kseg):
+    static, aux = _static_aux(options, cols, scale, out_dtype, q_offset, k_offset, qseg, kseg)
+    return fn(static, q, k, v, aux)
+
+
+def _resolve(implementation: str, q, k):
+    """(name, (fn, options)) of the implementation `attend` runs for these shapes."""
+    chosen, (fn, options) = _dispatch.implementation("attention", implementation)
+    if (implementation == "auto" and chosen == "xla" and _dispatch.platform() == "cpu"
+            and heuristics.cpu_masked_attention(q.shape[1], k.shape[1])):
+        chosen, (fn, options) = _dispatch.implementation("attention", "xla_masked")
+    if chosen == "xla_masked":
+        options = (*options, ("offsets", None))  # filled per column set by `_static_aux`
+    return chosen, (fn, options)
 
 
 def attend(q, k, v, mask: Mask, *, extra: ExtraColumns | None = None, scale: float | None = None,
@@ -127,12 +143,7 @@ def attend(q, k, v, mask: Mask, *, extra: ExtraColumns | None = None, scale: flo
     overrides the implementation's heuristics (tuning and tests).
     """
     _check(q, k, v, mask, extra)
-    chosen, (fn, options) = _dispatch.implementation("attention", implementation)
-    if (implementation == "auto" and chosen == "xla" and _dispatch.platform() == "cpu"
-            and heuristics.cpu_masked_attention(q.shape[1], k.shape[1])):
-        chosen, (fn, options) = _dispatch.implementation("attention", "xla_masked")
-    if chosen == "xla_masked":
-        options = (*options, ("offsets", None))  # filled per column set by `_one_set`
+    _, (fn, options) = _resolve(implementation, q, k)
     if block_sizes is not None:
         bq, bk = (int(x) for x in block_sizes)
         if bq < 1 or bk < 1:
@@ -154,5 +165,24 @@ def attend(q, k, v, mask: Mask, *, extra: ExtraColumns | None = None, scale: flo
     return (out, lse) if return_lse else out
 
 
+def attend_backward(q, k, v, mask: Mask, out, lse, dout, *, scale: float | None = None,
+                    implementation: str = "auto"):
+    """(dq, dk, dv) float32 that q [B T N H], k [B S K H], v [B S K U] under `mask` (its ordinary
+    columns) receive from a softmax whose *final* output and log-sum-exp are `out` [B T N U] and
+    `lse` [B N T], taken over these columns and maybe others, given the output cotangent `dout`.
+
+    Per visible score s: p = exp(s - lse), ds = p (dout . v - rowsum(dout * out)); no forward
+    runs. Summed over disjoint column sets that together are the whole softmax, the results are
+    that softmax's gradients: ring attention's per-step blocks, without recomputing each block's
+    own output and lse. Rows that see none of these columns get zero."""
+    _check(q, k, v, mask, None)
+    _, (fn, options) = _resolve(implementation, q, k)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    static, aux = _static_aux(options, ordinary_columns(mask), scale, q.dtype, mask.q_offset,
+                              mask.k_offset, mask.q_segment_ids, mask.kv_segment_ids)
+    grads = fn.backward(static, q, k, v, aux, out, lse, dout, jnp.zeros_like(lse))
+    return tuple(g.astype(jnp.float32) for g in grads)
+
+
 __all__ = ["ALWAYS", "BEYOND_WINDOW", "IMPLEMENTATIONS", "ExtraColumns", "Mask",
-           "UnavailableImplementation", "attend"]
+           "UnavailableImplementation", "attend", "attend_backward"]

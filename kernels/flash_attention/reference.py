@@ -135,7 +135,8 @@ def flash_attention_fn(forward, backward):
     """Wraps forward(static, q, k, v, aux) -> (out, lse) and
     backward(static, q, k, v, aux, out, lse, dout, dlse) -> (dq, dk, dv) into a custom_vjp function
     f(static, q, k, v, aux). The lse output is differentiable too (ring attention and the sink merge
-    need it): its cotangent enters the backward as delta = rowsum(dO * O) - dlse."""
+    need it): its cotangent enters the backward as delta = rowsum(dO * O) - dlse. The backward
+    stays reachable as `f.backward` (ring attention runs it with the merged statistics)."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def attention(static, q, k, v, aux):
@@ -152,6 +153,7 @@ def flash_attention_fn(forward, backward):
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), zero_aux
 
     attention.defvjp(fwd, bwd)
+    attention.backward = backward  # `api.attend_backward`: gradients from given statistics
     return attention
 
 
