@@ -33,7 +33,6 @@ def run_one(t: int, devices: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
-
     from jaxllama.kernels.flash_attention.api import Mask, attend
     from jaxllama.kernels.flash_attention.heuristics import reference_blocks
 
