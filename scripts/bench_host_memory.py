@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+from jaxllama.cpu_flags import cpu_info
 
 
 def run_one(t: int, devices: int) -> dict:
@@ -35,6 +36,7 @@ def run_one(t: int, devices: int) -> dict:
     from jax.sharding import NamedSharding, PartitionSpec
     from jaxllama.kernels.flash_attention.api import Mask, attend
     from jaxllama.kernels.flash_attention.heuristics import reference_blocks
+    from jaxllama.kernels.flash_attention.mask import kv_block_ranges, ordinary_columns
 
     mesh = jax.make_mesh((devices,), ("d",))
     spec = PartitionSpec("d")
@@ -51,8 +53,8 @@ def run_one(t: int, devices: int) -> dict:
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*arrays))
     bq, bk = reference_blocks(t, t)
-    nq, nk = -(-t // bq), -(-t // bk)
-    blocks = sum(min(nk, ((i + 1) * bq + bk - 1) // bk) for i in range(nq))  # causal
+    lo, hi = kv_block_ranges(ordinary_columns(Mask(causal=True)), 0, 0, t, bq, t, bk)
+    blocks = int(jnp.sum(hi - lo))  # the key blocks the kernel visits
     return {"seconds": time.perf_counter() - t0, "xla_temp_gib": devices * temp / 2 ** 30,
             "rss_before_gib": before, "rss_after_gib": rss(), "blocks_per_device": blocks}
 
@@ -76,12 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if min(lengths + counts) < 1:
         print("error: --lengths and --devices must be positive", file=sys.stderr)
         return 2
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    print(f"# bench_host_memory: {cpu}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
+    cpu = cpu_info()
+    print(f"# bench_host_memory: {cpu.model} ({cpu.summary()}), {os.cpu_count()} cores, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
     print("| local tokens | devices | blocks per device | XLA temporaries x devices (GiB) | RSS "
           "before (GiB) | RSS after (GiB) | added (GiB) | added per block and device (KiB) | s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_train import compiled_peak  # scripts/ is not a package: import by path
+
+from jaxllama.cpu_flags import cpu_info
 
 MODEL = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
          "attention": {"num_heads": 4, "num_kv_heads": 2, "rope": {"theta": 500000.0}},
@@ -196,12 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.start <= 0 or args.max < args.start:
         print(f"error: --start {args.start} must be > 0 and <= --max {args.max}", file=sys.stderr)
         return 2
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)
-    print(f"# bench_million: {cpu}, {os.cpu_count()} cores, pattern {args.pattern}, "
+    cpu = cpu_info()
+    print(f"# bench_million: {cpu.model} ({cpu.summary()}), {os.cpu_count()} cores, "
+          f"pattern {args.pattern}, "
           f"{args.devices} simulated devices, nice {os.nice(0)}, {time.strftime('%Y-%m-%d %H:%M')}")
     print("| tokens | per device | devices | peak/device (GiB) | temp/device (GiB) | x devices "
           "(GiB) | host RSS (GiB) | compile (s) | step (s) | loss | finite | gradients vs "
